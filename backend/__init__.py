@@ -1,0 +1,1 @@
+"""Multi-LoRA serving engine: adapter store, LoRA layers, continuous-batching engine."""

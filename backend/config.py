@@ -1,0 +1,63 @@
+"""Engine settings: one frozen dataclass filled from config.pbtxt parameters (and two env overrides)."""
+
+import dataclasses
+import os
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+DEMO_DIR = REPO_ROOT / ".demo"
+ENV_BASE_MODEL = "LORA_BASE_MODEL"
+ENV_ADAPTER_DIR = "LORA_ADAPTER_DIR"
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    base_model: Path = DEMO_DIR / "base"  # HF model folder (weights, config, tokenizer)
+    adapter_dir: Path = DEMO_DIR / "adapters"  # one PEFT adapter folder per adapter name
+    device: str = "auto"  # auto = cuda if available, else cpu
+    dtype: str = "auto"  # auto = the model's dtype on cuda, float32 on cpu
+    max_loras: int = 8  # adapter slots: distinct adapters in one batch
+    max_lora_rank: int = 64
+    lora_target_modules: str = "all-linear"  # layers that can take a LoRA: all-linear, a regex or name,name
+    max_num_seqs: int = 32  # sequences in the running batch
+    max_model_len: int = 0  # context length; 0 = the model's
+    max_prefill_tokens: int = 2048  # prompt tokens admitted per step
+    default_max_tokens: int = 64
+    max_tokens_limit: int = 1024
+
+    @classmethod
+    def from_parameters(cls, params: dict[str, str], root: Path = REPO_ROOT, env=os.environ) -> "EngineConfig":
+        """params: config.pbtxt `parameters` as name -> string; relative paths are resolved from `root`.
+        LORA_BASE_MODEL and LORA_ADAPTER_DIR, when set, win over the parameters."""
+        values = {}
+        for f in dataclasses.fields(cls):
+            raw = params.get(f.name, "").strip()
+            if raw:
+                values[f.name] = (root / raw) if f.type is Path else f.type(raw)
+        for name, var in (("base_model", ENV_BASE_MODEL), ("adapter_dir", ENV_ADAPTER_DIR)):
+            if env.get(var):
+                values[name] = Path(env[var])
+        return cls(**values)
+
+    @property
+    def torch_device(self) -> str:
+        if self.device == "auto":
+            return "cuda" if torch.cuda.is_available() else "cpu"
+        return self.device
+
+    @property
+    def torch_dtype(self) -> torch.dtype | str:
+        """The weights' dtype; "auto" (on cuda) keeps the dtype the model was saved in."""
+        if self.dtype != "auto":
+            return getattr(torch, self.dtype)
+        return "auto" if self.torch_device == "cuda" else torch.float32
+
+    @property
+    def targets(self) -> str | list[str]:
+        t = self.lora_target_modules.strip()
+        if t == "all-linear" or any(c in t for c in "*+?[](){}|\\^$"):
+            return t
+        return [s.strip() for s in t.split(",") if s.strip()]

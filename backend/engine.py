@@ -1,0 +1,194 @@
+"""Continuous batching: requests join the running batch between steps and leave as they finish.
+
+One step = one forward over every running sequence (new prompts and decode tokens together), one
+sampled token each. Each sequence holds a KV-cache row and, if it names an adapter, a LoRA slot.
+"""
+
+import logging
+import queue
+import threading
+from collections import deque
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import torch
+
+from backend.adapter_manager import AdapterManager
+from backend.adapters import AdapterStore
+from backend.config import EngineConfig
+from backend.errors import RequestError
+from backend.metrics import Metrics
+from backend.model_runner import ModelRunner, make_step
+from backend.request import GenerationRequest, Limits
+from backend.sampling import make_generator, sample
+
+log = logging.getLogger("lora_engine")
+
+
+@dataclass
+class Output:
+    token_ids: list[int]
+    log_probs: list[float]
+    finish_reason: str | None = None  # "stop" | "length"; None while more tokens follow
+    error: RequestError | None = None
+
+
+@dataclass(eq=False)
+class Sequence:
+    req: GenerationRequest
+    emit: Callable[[Output], None]
+    tokens: list[int]
+    row: int = -1
+    slot: int = -1
+    cached: int = 0
+    out_ids: list[int] = field(default_factory=list)
+    out_logprobs: list[float] = field(default_factory=list)
+    generator: torch.Generator | None = None
+
+
+class Engine:
+    def __init__(self, cfg: EngineConfig, metrics: Metrics | None = None):
+        self.cfg = cfg
+        self.metrics = metrics or Metrics()
+        device = cfg.torch_device
+        self.runner = ModelRunner(
+            cfg.base_model,
+            dtype=cfg.torch_dtype,
+            device=device,
+            max_seqs=cfg.max_num_seqs,
+            max_len=cfg.max_model_len,
+            num_slots=cfg.max_loras,
+            max_rank=cfg.max_lora_rank,
+            targets=cfg.targets,
+        )
+        store = AdapterStore(
+            cfg.adapter_dir, self.runner.shapes, self.runner.module_names, cfg.max_lora_rank, self.runner.model.dtype
+        )
+        self.adapters = AdapterManager(store, self.runner.lora, cfg.max_loras, self.metrics)
+        eos = self.runner.model.generation_config.eos_token_id
+        self.limits = Limits(
+            self.runner.vocab_size,
+            self.runner.max_len,
+            cfg.default_max_tokens,
+            cfg.max_tokens_limit,
+            eos[0] if isinstance(eos, list) else eos,
+        )
+        self.device = device
+        self.inbox: queue.Queue[Sequence] = queue.Queue()
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.free_rows = list(range(cfg.max_num_seqs - 1, -1, -1))
+        self.stopping = threading.Event()
+        self.thread = threading.Thread(target=self._loop, name="lora-engine", daemon=True)
+
+    def start(self) -> "Engine":
+        self.thread.start()
+        return self
+
+    def submit(self, req: GenerationRequest, emit: Callable[[Output], None]) -> None:
+        """Queues a request; `emit` is called from the engine thread. Raises RequestError (INVALID_ARG,
+        NOT_FOUND, UNAVAILABLE) at once for what can be told without the model."""
+        if self.stopping.is_set():
+            raise RequestError("UNAVAILABLE", "the model is shutting down")
+        if req.lora_name:
+            self.adapters.store.folder(req.lora_name)
+        self.metrics.request(req.lora_name)
+        self.inbox.put(Sequence(req, emit, list(req.input_ids)))
+
+    def shutdown(self, timeout: float = 60.0) -> None:
+        """Stops taking requests and finishes those in flight (up to `timeout` seconds)."""
+        self.stopping.set()
+        self.thread.join(timeout)
+        if self.thread.is_alive():
+            log.warning("engine did not drain within %.0f s", timeout)
+
+    def _loop(self) -> None:
+        while True:
+            if not (self.running or self.waiting):
+                try:
+                    self.waiting.append(self.inbox.get(timeout=0.05))
+                except queue.Empty:
+                    if self.stopping.is_set() and self.inbox.empty():
+                        return
+                    continue
+            self.step()
+
+    def step(self) -> None:
+        while not self.inbox.empty():
+            self.waiting.append(self.inbox.get_nowait())
+        for seq in [s for s in (*self.running, *self.waiting) if s.req.is_cancelled()]:
+            self._finish(seq, error=RequestError("CANCELLED", "request cancelled"))
+        self._admit()
+        if not self.running:
+            return
+        fed = [s.tokens[s.cached :] for s in self.running]
+        batch = make_step([(s.row, toks, s.cached, s.slot) for s, toks in zip(self.running, fed)], self.device)
+        self.metrics.step({s.req.lora_name for s in self.running})
+        try:
+            logits = self.runner.forward(batch)
+            tokens, logprobs = sample(
+                logits, [s.req.sampling for s in self.running], [s.generator for s in self.running]
+            )
+        except Exception as e:  # a failed step fails its requests, not the server
+            log.exception("engine step failed")
+            for seq in list(self.running):
+                self._finish(seq, error=RequestError("INTERNAL", f"engine step failed: {e}"))
+            return
+        for seq, toks, tok, lp in zip(list(self.running), fed, tokens, logprobs):
+            seq.cached += len(toks)
+            self._append(seq, tok, lp)
+
+    def _admit(self) -> None:
+        budget = self.cfg.max_prefill_tokens  # the first prompt of a step is admitted whatever its length
+        for seq in list(self.waiting):
+            if not self.free_rows or (budget < len(seq.tokens) and budget < self.cfg.max_prefill_tokens):
+                return
+            try:
+                slot = self.adapters.acquire(seq.req.lora_name) if seq.req.lora_name else -1
+            except RequestError as e:
+                self._finish(seq, error=e)
+                continue
+            if slot is None:
+                continue  # every slot busy with other adapters: wait for one to free up
+            self.waiting.remove(seq)
+            seq.slot, seq.row = slot, self.free_rows.pop()
+            seq.generator = make_generator(seq.req.sampling, self.device)
+            self.running.append(seq)
+            budget -= len(seq.tokens)
+
+    def _append(self, seq: Sequence, token: int, logprob: float) -> None:
+        seq.tokens.append(token)
+        seq.out_ids.append(token)
+        seq.out_logprobs.append(logprob)
+        self.metrics.tokens(seq.req.lora_name, 1)
+        reason = None
+        if token == seq.req.end_id:
+            reason = "stop"
+        elif len(seq.out_ids) >= seq.req.max_tokens:
+            reason = "length"
+        if reason:
+            self._finish(seq, reason)
+        elif seq.req.stream:
+            self._emit(seq, Output([token], [logprob]))
+
+    def _finish(self, seq: Sequence, reason: str | None = None, error: RequestError | None = None) -> None:
+        if seq in self.running:
+            self.running.remove(seq)
+            self.free_rows.append(seq.row)
+            if seq.slot >= 0:
+                self.adapters.release(seq.slot)
+        elif seq in self.waiting:
+            self.waiting.remove(seq)
+        if error is not None:
+            self._emit(seq, Output([], [], error=error))
+        elif seq.req.stream:
+            self._emit(seq, Output(seq.out_ids[-1:], seq.out_logprobs[-1:], reason))
+        else:
+            self._emit(seq, Output(seq.out_ids, seq.out_logprobs, reason))
+
+    @staticmethod
+    def _emit(seq: Sequence, out: Output) -> None:
+        try:
+            seq.emit(out)
+        except Exception:  # a response that cannot be sent must not stop the others
+            log.exception("sending a response for request %s failed", seq.req.id)

@@ -1,0 +1,87 @@
+"""Engine and per-adapter counters. `Metrics` keeps them in memory; `TritonMetrics` also publishes
+them through Triton's metrics endpoint (pb_utils custom metrics)."""
+
+from collections import defaultdict
+
+BASE = "__base__"  # label of requests without an adapter (not a valid adapter name)
+
+COUNTERS = {
+    "lora_requests_total": "Requests received, per adapter",
+    "lora_generated_tokens_total": "Tokens generated, per adapter",
+    "lora_cache_hits_total": "Requests whose adapter was already in a device slot",
+    "lora_cache_misses_total": "Requests whose adapter had to be put into a device slot",
+    "lora_adapter_loads_total": "Adapter reads from disk",
+    "lora_adapter_load_seconds_total": "Seconds spent reading adapters from disk",
+    "lora_adapter_evictions_total": "Adapters evicted from a device slot",
+    "lora_engine_steps_total": "Engine steps (one forward over the running batch)",
+    "lora_engine_mixed_steps_total": "Engine steps whose batch held more than one adapter (the base counts as one)",
+}
+GAUGES = {
+    "lora_engine_max_adapters_per_step": "Most distinct adapters (the base counts as one) seen in one engine step",
+}
+
+
+class Metrics:
+    def __init__(self):
+        self.values: dict[tuple[str, str], float] = defaultdict(float)
+
+    def inc(self, name: str, adapter: str = "", value: float = 1.0) -> None:
+        self.values[name, adapter] += value
+
+    def set_max(self, name: str, value: float) -> None:
+        self.values[name, ""] = max(self.values[name, ""], value)
+
+    def get(self, name: str, adapter: str = "") -> float:
+        return self.values.get((name, adapter), 0.0)
+
+    def request(self, adapter: str) -> None:
+        self.inc("lora_requests_total", adapter or BASE)
+
+    def tokens(self, adapter: str, n: int) -> None:
+        self.inc("lora_generated_tokens_total", adapter or BASE, n)
+
+    def step(self, adapters: set[str]) -> None:
+        self.inc("lora_engine_steps_total")
+        if len(adapters) > 1:
+            self.inc("lora_engine_mixed_steps_total")
+        self.set_max("lora_engine_max_adapters_per_step", len(adapters))
+
+    def adapter_cache(self, adapter: str, hit: bool) -> None:
+        self.inc("lora_cache_hits_total" if hit else "lora_cache_misses_total", adapter)
+
+    def adapter_loaded(self, adapter: str, seconds: float) -> None:
+        self.inc("lora_adapter_loads_total", adapter)
+        self.inc("lora_adapter_load_seconds_total", adapter, seconds)
+
+    def adapter_evicted(self, adapter: str) -> None:
+        self.inc("lora_adapter_evictions_total", adapter)
+
+
+class TritonMetrics(Metrics):
+    """Publishes every value as a Triton custom metric labelled with the model and the adapter."""
+
+    def __init__(self, pb_utils, model: str):
+        super().__init__()
+        kinds = [(COUNTERS, pb_utils.MetricFamily.COUNTER), (GAUGES, pb_utils.MetricFamily.GAUGE)]
+        self.families = {
+            name: pb_utils.MetricFamily(name=name, description=desc, kind=kind)
+            for table, kind in kinds
+            for name, desc in table.items()
+        }
+        self.model = model
+        self.series = {}
+
+    def _metric(self, name: str, adapter: str):
+        key = (name, adapter)
+        if key not in self.series:
+            labels = {"model": self.model, **({"adapter": adapter} if adapter else {})}
+            self.series[key] = self.families[name].Metric(labels=labels)
+        return self.series[key]
+
+    def inc(self, name: str, adapter: str = "", value: float = 1.0) -> None:
+        super().inc(name, adapter, value)
+        self._metric(name, adapter).increment(value)
+
+    def set_max(self, name: str, value: float) -> None:
+        super().set_max(name, value)
+        self._metric(name, "").set(self.get(name))

@@ -1,0 +1,175 @@
+"""Runs a Hugging Face causal LM on a flat batch of tokens from many sequences.
+
+All tokens of a step (prefill chunks and decode tokens of every running sequence) go through the
+model as one row [1, T], so each linear layer, and its LoRA deltas, sees the whole mixed batch at
+once. Attention is ours: it writes each token's K/V into that sequence's row of a preallocated
+cache and attends within the sequence. Works for any model that calls transformers' attention
+interface (Llama, Mistral, Qwen2, GPT-2, ...).
+"""
+
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from transformers import AttentionInterface, AutoModelForCausalLM
+
+from backend import lora_ops
+from backend.lora_layers import LoRAContext, wrap_model
+
+ATTENTION = "lora_engine"
+
+
+@dataclass(frozen=True)
+class SeqSlice:
+    row: int  # KV-cache row of the sequence
+    start: int  # first of its tokens in the flat batch
+    length: int  # tokens it feeds this step
+    kv_len: int  # cached tokens after this step
+
+
+@dataclass(frozen=True)
+class StepBatch:
+    input_ids: torch.Tensor  # [T]
+    positions: torch.Tensor  # [T]
+    rows: torch.Tensor  # [T] cache row of each token
+    seqs: tuple[SeqSlice, ...]
+    last: torch.Tensor  # [B] index of each sequence's last token: where logits are taken
+    lora: lora_ops.LoRABatch | None  # over all T tokens
+    lora_last: lora_ops.LoRABatch | None  # over the B last tokens (for a LoRA on the output layer)
+
+
+def make_step(seqs: list[tuple[int, list[int], int, int]], device) -> StepBatch:
+    """seqs: (cache row, tokens to feed, tokens already cached, lora slot or -1) per sequence."""
+    ids, pos, rows, slots, slices = [], [], [], [], []
+    for row, tokens, cached, slot in seqs:
+        slices.append(SeqSlice(row, len(ids), len(tokens), cached + len(tokens)))
+        ids += tokens
+        pos += range(cached, cached + len(tokens))
+        rows += [row] * len(tokens)
+        slots += [slot] * len(tokens)
+    as_long = {"dtype": torch.long, "device": device}
+    last = torch.tensor([s.start + s.length - 1 for s in slices], **as_long)
+    token_slots = torch.tensor(slots, dtype=torch.int32, device=device)
+    return StepBatch(
+        torch.tensor(ids, **as_long),
+        torch.tensor(pos, **as_long),
+        torch.tensor(rows, **as_long),
+        tuple(slices),
+        last,
+        lora_ops.make_batch(token_slots),
+        lora_ops.make_batch(token_slots[last]),
+    )
+
+
+class LayerKV:
+    """K/V cache of one attention layer: [rows, kv_heads, max_len, head_dim], allocated on first use."""
+
+    def __init__(self, runner: "ModelRunner"):
+        self.runner = runner
+        self.k = self.v = None
+
+    def attend(self, q, k, v, scaling, window) -> torch.Tensor:
+        # q: [1, Hq, T, D]; k, v: [1, Hkv, T, D] for the new tokens -> [1, T, Hq, D]
+        step = self.runner.step
+        if self.k is None:
+            shape = (self.runner.max_seqs, k.shape[1], self.runner.max_len, k.shape[3])
+            self.k = torch.zeros(shape, dtype=k.dtype, device=k.device)
+            self.v = torch.zeros_like(self.k)
+        self.k[step.rows, :, step.positions] = k[0].transpose(0, 1)
+        self.v[step.rows, :, step.positions] = v[0].transpose(0, 1)
+        out = torch.empty(1, q.shape[2], q.shape[1], q.shape[3], dtype=q.dtype, device=q.device)
+        decode = [s for s in step.seqs if s.length == 1]
+        if decode:
+            self._decode(q, out, decode, scaling, window)
+        for s in step.seqs:
+            if s.length > 1:
+                self._prefill(q, out, s, scaling, window)
+        return out
+
+    def _decode(self, q, out, seqs, scaling, window):
+        # One attention call for every single-token sequence, keys padded to the longest.
+        idx = torch.tensor([s.start for s in seqs], device=q.device)
+        rows = torch.tensor([s.row for s in seqs], device=q.device)
+        lens = torch.tensor([s.kv_len for s in seqs], device=q.device)
+        n = int(lens.max())
+        keys = torch.arange(n, device=q.device)
+        mask = keys[None, :] < lens[:, None]
+        if window:
+            mask &= keys[None, :] > lens[:, None] - 1 - window
+        qd = q[0, :, idx].transpose(0, 1).unsqueeze(2)  # [B, Hq, 1, D]
+        o = F.scaled_dot_product_attention(
+            qd, self.k[rows, :, :n], self.v[rows, :, :n], attn_mask=mask[:, None, None], scale=scaling, enable_gqa=True
+        )
+        out[0, idx] = o[:, :, 0]
+
+    def _prefill(self, q, out, s: SeqSlice, scaling, window):
+        qs = q[:, :, s.start : s.start + s.length]
+        k, v = self.k[s.row : s.row + 1, :, : s.kv_len], self.v[s.row : s.row + 1, :, : s.kv_len]
+        if s.kv_len == s.length and not (window and s.kv_len > window):
+            o = F.scaled_dot_product_attention(qs, k, v, is_causal=True, scale=scaling, enable_gqa=True)
+        else:
+            qpos = torch.arange(s.kv_len - s.length, s.kv_len, device=q.device)[:, None]
+            kpos = torch.arange(s.kv_len, device=q.device)[None, :]
+            mask = (kpos <= qpos) & ((qpos - kpos < window) if window else True)
+            o = F.scaled_dot_product_attention(qs, k, v, attn_mask=mask, scale=scaling, enable_gqa=True)
+        out[0, s.start : s.start + s.length] = o[0].transpose(0, 1)
+
+
+def engine_attention(
+    module, query, key, value, attention_mask, scaling=None, dropout=0.0, sliding_window=None, **kwargs
+):
+    return module.lora_kv.attend(query, key, value, scaling, sliding_window), None
+
+
+AttentionInterface.register(ATTENTION, engine_attention)
+
+
+class ModelRunner:
+    """Owns the model, its LoRA layers and KV cache; `forward` gives next-token logits per sequence."""
+
+    def __init__(
+        self,
+        model_dir: Path,
+        *,
+        dtype: torch.dtype,
+        device: str,
+        max_seqs: int,
+        max_len: int,
+        num_slots: int,
+        max_rank: int,
+        targets="all-linear",
+    ):
+        self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation=ATTENTION)
+        self.model.to(device).eval()
+        self.device = torch.device(device)
+        self.config = self.model.config
+        cfg_len = getattr(self.config, "max_position_embeddings", None) or getattr(self.config, "n_positions", None)
+        self.max_len = min(max_len, cfg_len) if max_len and cfg_len else (max_len or cfg_len)
+        self.max_seqs = max_seqs
+        self.vocab_size = self.model.get_input_embeddings().num_embeddings
+        self.module_names = [n for n, _ in self.model.named_modules() if n]
+        self.lora: LoRAContext = wrap_model(self.model, targets, num_slots, max_rank)
+        self.shapes = {n: (layer.d_in, layer.d_out) for n, layer in self.lora.layers.items()}
+        self.step: StepBatch | None = None
+        attention = [m for m in self.model.modules() if hasattr(m, "layer_idx") and getattr(m, "is_causal", False)]
+        if not attention:
+            raise ValueError(f"{type(self.model).__name__}: no attention layer uses transformers' attention interface")
+        for module in attention:
+            module.lora_kv = LayerKV(self)
+
+    @torch.inference_mode()
+    def forward(self, step: StepBatch) -> torch.Tensor:
+        """-> logits [B, vocab] (fp32) at the last token of each sequence."""
+        self.step = step
+        self.lora.batch, self.lora.last = step.lora, step.lora_last
+        try:
+            out = self.model(
+                input_ids=step.input_ids[None],
+                position_ids=step.positions[None],
+                use_cache=False,
+                logits_to_keep=step.last,
+            )
+        finally:
+            self.step = self.lora.batch = self.lora.last = None
+        return out.logits[0].float()

@@ -1,0 +1,111 @@
+"""A generation request, and its validation from the tensors of the lora_llm contract."""
+
+import itertools
+import math
+from collections.abc import Callable
+from dataclasses import dataclass, field
+
+import numpy as np
+
+from backend.adapters import check_name
+from backend.errors import invalid
+
+_ids = itertools.count()
+
+
+@dataclass(frozen=True)
+class SamplingParams:
+    temperature: float = 0.0  # 0 = greedy
+    top_p: float = 1.0
+    top_k: int = 0  # 0 = off
+    seed: int | None = None
+
+    @property
+    def greedy(self) -> bool:
+        return self.temperature == 0.0
+
+
+@dataclass(frozen=True)
+class Limits:
+    vocab_size: int
+    max_model_len: int
+    default_max_tokens: int
+    max_tokens_limit: int
+    eos_id: int | None
+
+
+@dataclass
+class GenerationRequest:
+    input_ids: list[int]
+    max_tokens: int
+    lora_name: str = ""  # "" = base model
+    sampling: SamplingParams = SamplingParams()
+    end_id: int | None = None
+    stream: bool = False
+    is_cancelled: Callable[[], bool] = lambda: False
+    id: int = field(default_factory=lambda: next(_ids))
+
+
+def _scalar(inputs: dict[str, np.ndarray], name: str, kind: type, default=None):
+    value = inputs.get(name)
+    if value is None:
+        return default
+    if value.size != 1:
+        raise invalid(f"{name} must hold one value, got shape {list(value.shape)}")
+    item = value.reshape(-1)[0]
+    if kind is str:
+        return item.decode("utf-8", errors="strict") if isinstance(item, bytes) else str(item)
+    return kind(item)
+
+
+def parse_request(inputs: dict[str, np.ndarray], limits: Limits) -> GenerationRequest:
+    """inputs: tensor name -> array with the batch dimension (shape [1, ...]) as Triton passes them."""
+    ids = inputs.get("input_ids")
+    if ids is None or ids.size == 0:
+        raise invalid("input_ids is empty")
+    if ids.ndim > 2 or (ids.ndim == 2 and ids.shape[0] != 1):
+        raise invalid(f"input_ids must be one sequence, got shape {list(ids.shape)}")
+    ids = ids.reshape(-1).astype(np.int64)
+    bad = ids[(ids < 0) | (ids >= limits.vocab_size)]
+    if bad.size:
+        raise invalid(f"input_ids holds {bad[0]}, outside the vocabulary [0, {limits.vocab_size})")
+    if ids.size >= limits.max_model_len:
+        raise invalid(f"prompt of {ids.size} tokens does not fit the context of {limits.max_model_len} tokens")
+
+    room = limits.max_model_len - ids.size
+    max_tokens = _scalar(inputs, "max_tokens", int)
+    if max_tokens is None:
+        max_tokens = min(limits.default_max_tokens, room)
+    elif not 1 <= max_tokens <= limits.max_tokens_limit:
+        raise invalid(f"max_tokens must be in [1, {limits.max_tokens_limit}], got {max_tokens}")
+    elif max_tokens > room:
+        raise invalid(
+            f"prompt of {ids.size} tokens + max_tokens {max_tokens} exceeds the context of "
+            f"{limits.max_model_len} tokens"
+        )
+
+    try:
+        lora_name = _scalar(inputs, "lora_name", str, "")
+    except UnicodeDecodeError as e:
+        raise invalid("lora_name is not valid UTF-8") from e
+    if lora_name:
+        check_name(lora_name)
+
+    temperature = _scalar(inputs, "temperature", float, 0.0)
+    top_p = _scalar(inputs, "top_p", float, 1.0)
+    top_k = _scalar(inputs, "top_k", int, 0)
+    if not (math.isfinite(temperature) and temperature >= 0):
+        raise invalid(f"temperature must be >= 0, got {temperature}")
+    if not 0 < top_p <= 1:
+        raise invalid(f"top_p must be in (0, 1], got {top_p}")
+    if top_k < 0:
+        raise invalid(f"top_k must be >= 0, got {top_k}")
+    sampling = SamplingParams(temperature, top_p, top_k, _scalar(inputs, "seed", int))
+    return GenerationRequest(
+        input_ids=ids.tolist(),
+        max_tokens=max_tokens,
+        lora_name=lora_name,
+        sampling=sampling,
+        end_id=_scalar(inputs, "end_id", int, limits.eos_id),
+        stream=bool(_scalar(inputs, "stream", bool, False)),
+    )
