@@ -9,7 +9,7 @@ from pathlib import Path
 import torch
 from safetensors.torch import load_file
 
-from backend.errors import RequestError, invalid
+from backend.errors import RequestError, invalid, not_found
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
 CONFIG_FILE = "adapter_config.json"
@@ -53,10 +53,6 @@ class Adapter:
 def check_name(name: str) -> None:
     if not NAME_RE.match(name):
         raise invalid(f"invalid LoRA adapter name {name!r}: must match {NAME_RE.pattern}")
-
-
-def not_found(name: str) -> RequestError:
-    return RequestError("NOT_FOUND", f"LoRA adapter '{name}' not found")
 
 
 def pattern_value(patterns: dict, module: str, default):

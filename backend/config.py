@@ -1,11 +1,10 @@
-"""Engine settings: one frozen dataclass filled from config.pbtxt parameters (and two env overrides)."""
+"""Engine settings: one frozen dataclass filled from config.pbtxt parameters (and two env overrides).
+Imports no torch: the tokenizer models use it too."""
 
 import dataclasses
 import os
 from dataclasses import dataclass
 from pathlib import Path
-
-import torch
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEMO_DIR = REPO_ROOT / ".demo"
@@ -41,19 +40,6 @@ class EngineConfig:
             if env.get(var):
                 values[name] = Path(env[var])
         return cls(**values)
-
-    @property
-    def torch_device(self) -> str:
-        if self.device == "auto":
-            return "cuda" if torch.cuda.is_available() else "cpu"
-        return self.device
-
-    @property
-    def torch_dtype(self) -> torch.dtype | str:
-        """The weights' dtype; "auto" (on cuda) keeps the dtype the model was saved in."""
-        if self.dtype != "auto":
-            return getattr(torch, self.dtype)
-        return "auto" if self.torch_device == "cuda" else torch.float32
 
     @property
     def targets(self) -> str | list[str]:

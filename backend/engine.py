@@ -16,7 +16,7 @@ import torch
 from backend.adapter_manager import AdapterManager
 from backend.adapters import AdapterStore
 from backend.config import EngineConfig
-from backend.errors import RequestError
+from backend.errors import RequestError, cancelled, internal, unavailable
 from backend.metrics import Metrics
 from backend.model_runner import ModelRunner, make_step
 from backend.request import GenerationRequest, Limits
@@ -50,10 +50,12 @@ class Engine:
     def __init__(self, cfg: EngineConfig, metrics: Metrics | None = None):
         self.cfg = cfg
         self.metrics = metrics or Metrics()
-        device = cfg.torch_device
+        device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+        # "auto" keeps the saved dtype on a GPU; on a CPU, half precision is slow and fp32 is exact.
+        dtype = getattr(torch, cfg.dtype) if cfg.dtype != "auto" else ("auto" if device == "cuda" else torch.float32)
         self.runner = ModelRunner(
             cfg.base_model,
-            dtype=cfg.torch_dtype,
+            dtype=dtype,
             device=device,
             max_seqs=cfg.max_num_seqs,
             max_len=cfg.max_model_len,
@@ -89,7 +91,7 @@ class Engine:
         """Queues a request; `emit` is called from the engine thread. Raises RequestError (INVALID_ARG,
         NOT_FOUND, UNAVAILABLE) at once for what can be told without the model."""
         if self.stopping.is_set():
-            raise RequestError("UNAVAILABLE", "the model is shutting down")
+            raise unavailable()
         if req.lora_name:
             self.adapters.store.folder(req.lora_name)
         self.metrics.request(req.lora_name)
@@ -117,7 +119,7 @@ class Engine:
         while not self.inbox.empty():
             self.waiting.append(self.inbox.get_nowait())
         for seq in [s for s in (*self.running, *self.waiting) if s.req.is_cancelled()]:
-            self._finish(seq, error=RequestError("CANCELLED", "request cancelled"))
+            self._finish(seq, error=cancelled())
         self._admit()
         if not self.running:
             return
@@ -132,7 +134,7 @@ class Engine:
         except Exception as e:  # a failed step fails its requests, not the server
             log.exception("engine step failed")
             for seq in list(self.running):
-                self._finish(seq, error=RequestError("INTERNAL", f"engine step failed: {e}"))
+                self._finish(seq, error=internal(f"engine step failed: {e}"))
             return
         for seq, toks, tok, lp in zip(list(self.running), fed, tokens, logprobs):
             seq.cached += len(toks)

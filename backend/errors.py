@@ -1,3 +1,4 @@
+import re
 from dataclasses import dataclass
 
 
@@ -14,3 +15,36 @@ class RequestError(Exception):
 
 def invalid(message: str) -> RequestError:
     return RequestError("INVALID_ARG", message)
+
+
+def not_found(adapter: str) -> RequestError:
+    return RequestError("NOT_FOUND", f"LoRA adapter '{adapter}' not found")
+
+
+def unavailable() -> RequestError:
+    return RequestError("UNAVAILABLE", "the model is shutting down")
+
+
+def cancelled() -> RequestError:
+    return RequestError("CANCELLED", "request cancelled")
+
+
+def internal(message: str) -> RequestError:
+    return RequestError("INTERNAL", f"internal error: {message}")
+
+
+_CODES = [
+    ("NOT_FOUND", r"LoRA adapter '.*' not found"),
+    ("UNAVAILABLE", unavailable().message),
+    ("CANCELLED", cancelled().message),
+    ("INTERNAL", r"(internal error|Failed to process the request).*"),
+]
+
+
+def code_of(message: str) -> str:
+    """The code of one of our error messages. Triton's BLS hands every error on as INTERNAL
+    (triton-inference-server/server#7804): lora_text gets the code back from the message."""
+    for code, pattern in _CODES:
+        if re.fullmatch(pattern, message, re.S):
+            return code
+    return "INVALID_ARG"

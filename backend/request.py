@@ -42,6 +42,7 @@ class GenerationRequest:
     sampling: SamplingParams = SamplingParams()
     end_id: int | None = None
     stream: bool = False
+    echo_prompt: bool = False  # unary only: output_ids start with the prompt (exclude_input_in_output=false)
     is_cancelled: Callable[[], bool] = lambda: False
     id: int = field(default_factory=lambda: next(_ids))
 
@@ -101,11 +102,13 @@ def parse_request(inputs: dict[str, np.ndarray], limits: Limits) -> GenerationRe
     if top_k < 0:
         raise invalid(f"top_k must be >= 0, got {top_k}")
     sampling = SamplingParams(temperature, top_p, top_k, _scalar(inputs, "seed", int))
+    stream = bool(_scalar(inputs, "stream", bool, False))
     return GenerationRequest(
         input_ids=ids.tolist(),
         max_tokens=max_tokens,
         lora_name=lora_name,
         sampling=sampling,
         end_id=_scalar(inputs, "end_id", int, limits.eos_id),
-        stream=bool(_scalar(inputs, "stream", bool, False)),
+        stream=stream,
+        echo_prompt=not stream and not _scalar(inputs, "exclude_input_in_output", bool, True),
     )

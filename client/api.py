@@ -1,0 +1,119 @@
+"""Calling the model repository with tritonclient: unary text over HTTP or gRPC, streamed text and
+token ids over gRPC."""
+
+import queue
+from collections.abc import Iterator
+from dataclasses import dataclass
+
+import numpy as np
+import tritonclient.grpc as grpcclient
+import tritonclient.http as httpclient
+from tritonclient.utils import InferenceServerException
+
+DTYPES = {
+    "lora_name": ("BYTES", np.object_),
+    "max_tokens": ("INT32", np.int32),
+    "temperature": ("FP32", np.float32),
+    "top_p": ("FP32", np.float32),
+    "top_k": ("INT32", np.int32),
+    "seed": ("UINT64", np.uint64),
+    "end_id": ("INT32", np.int32),
+    "stream": ("BOOL", np.bool_),
+    "exclude_input_in_output": ("BOOL", np.bool_),
+    "text_input": ("BYTES", np.object_),
+}
+
+
+@dataclass
+class Chunk:
+    """One response: text (text models) or token ids and their log-probs (lora_llm)."""
+
+    text: str = ""
+    token_ids: list[int] | None = None
+    log_probs: list[float] | None = None
+    finish_reason: str = ""
+
+
+def make_inputs(module, **values) -> list:
+    """values (None = leave out) -> InferInputs of the tensor contract, each with its batch dim [1, n]."""
+    inputs = []
+    for name, value in values.items():
+        if value is None:
+            continue
+        if name == "input_ids":
+            array = np.asarray(value, dtype=np.int64).reshape(1, -1)
+            triton_type = "INT64"
+        else:
+            triton_type, dtype = DTYPES[name]
+            value = value.encode() if isinstance(value, str) else value
+            array = np.array([[value]], dtype=dtype)
+        tensor = module.InferInput(name, list(array.shape), triton_type)
+        tensor.set_data_from_numpy(array)
+        inputs.append(tensor)
+    return inputs
+
+
+def client_for(url: str, protocol: str):
+    module = grpcclient if protocol == "grpc" else httpclient
+    return module, module.InferenceServerClient(url)
+
+
+def to_chunk(result) -> Chunk:
+    def get(name):
+        return result.as_numpy(name)
+
+    text = get("text_output")
+    ids = get("output_ids")
+    logp = get("output_log_probs")
+    reason = get("finish_reason")
+    return Chunk(
+        text=text.reshape(-1)[0].decode() if text is not None else "",
+        token_ids=ids.reshape(-1).tolist() if ids is not None else None,
+        log_probs=logp.reshape(-1).tolist() if logp is not None else None,
+        finish_reason=reason.reshape(-1)[0].decode() if reason is not None else "",
+    )
+
+
+def infer(url: str, protocol: str, model: str, **values) -> Chunk:
+    """One unary call (a non-decoupled model, e.g. lora_text), over "http" or "grpc"."""
+    module, client = client_for(url, protocol)
+    try:
+        return to_chunk(client.infer(model, make_inputs(module, **values)))
+    finally:
+        client.close()
+
+
+def stream(url: str, model: str, timeout: float = 300.0, **values) -> Iterator[Chunk]:
+    """Responses of one request to a decoupled model (lora_llm, ensemble) over a gRPC stream, as they
+    arrive. Raises InferenceServerException on an error response."""
+    results: queue.Queue = queue.Queue()
+    client = grpcclient.InferenceServerClient(url)
+    client.start_stream(callback=lambda result, error: results.put((result, error)))
+    try:
+        client.async_stream_infer(model, make_inputs(grpcclient, **values), enable_empty_final_response=True)
+        while True:
+            result, error = results.get(timeout=timeout)
+            if error is not None:
+                raise error
+            response = result.get_response()
+            if response.outputs:
+                yield to_chunk(result)
+            if response.parameters["triton_final_response"].bool_param:
+                return
+    finally:
+        client.stop_stream(cancel_requests=True)
+        client.close()
+
+
+def generate(url: str, model: str, **values) -> Chunk:
+    """All chunks of a streamed (or single-response) call joined into one."""
+    whole = Chunk(token_ids=[], log_probs=[])
+    for chunk in stream(url, model, **values):
+        whole.text += chunk.text
+        whole.token_ids += chunk.token_ids or []
+        whole.log_probs += chunk.log_probs or []
+        whole.finish_reason = chunk.finish_reason or whole.finish_reason
+    return whole
+
+
+__all__ = ["Chunk", "InferenceServerException", "generate", "infer", "make_inputs", "stream"]

@@ -1,0 +1,108 @@
+"""Start and stop a local tritonserver on the model repository (used by the demo and the tests)."""
+
+import os
+import shutil
+import signal
+import socket
+import subprocess
+import time
+import urllib.request
+from dataclasses import dataclass, field
+from pathlib import Path
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+def tritonserver_binary() -> str:
+    local = REPO_ROOT / ".venv" / "bin" / "tritonserver"
+    found = str(local) if local.exists() else shutil.which("tritonserver")
+    if not found:
+        raise FileNotFoundError("tritonserver not found: run scripts/setup.sh")
+    return found
+
+
+@dataclass
+class TritonServer:
+    repository: Path = REPO_ROOT / "model_repository"
+    env: dict[str, str] = field(default_factory=dict)  # added to this process's environment
+    models: list[str] | None = None  # load only these (explicit model control); None = all
+    log_path: Path | None = None
+    http_port: int = field(default_factory=free_port)
+    grpc_port: int = field(default_factory=free_port)
+    metrics_port: int = field(default_factory=free_port)
+    process: subprocess.Popen | None = None
+
+    @property
+    def http_url(self) -> str:
+        return f"localhost:{self.http_port}"
+
+    @property
+    def grpc_url(self) -> str:
+        return f"localhost:{self.grpc_port}"
+
+    def start(self, timeout: float = 300.0) -> "TritonServer":
+        cmd = [
+            tritonserver_binary(),
+            "--model-repository",
+            str(self.repository),
+            f"--http-port={self.http_port}",
+            f"--grpc-port={self.grpc_port}",
+            f"--metrics-port={self.metrics_port}",
+        ]
+        if self.models is not None:
+            cmd += ["--model-control-mode=explicit", *(f"--load-model={m}" for m in self.models)]
+        self.log_path = (
+            Path(self.log_path)
+            if self.log_path
+            else Path(os.environ.get("TMPDIR", "/tmp")) / f"tritonserver-{self.http_port}.log"
+        )
+        with open(self.log_path, "w") as log:  # the child keeps its own descriptor
+            self.process = subprocess.Popen(
+                cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **self.env}, start_new_session=True
+            )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"tritonserver exited ({self.process.returncode}):\n{self.log_tail()}")
+            if self.ready():
+                return self
+            time.sleep(0.5)
+        self.stop()
+        raise TimeoutError(f"tritonserver not ready after {timeout:.0f} s:\n{self.log_tail()}")
+
+    def ready(self) -> bool:
+        try:
+            with urllib.request.urlopen(f"http://{self.http_url}/v2/health/ready", timeout=2) as r:
+                return r.status == 200
+        except OSError:
+            return False
+
+    def stop(self, timeout: float = 60.0) -> int:
+        """SIGTERM, as a user's Ctrl-C would; the whole process group is killed if it does not exit."""
+        if self.process is None or self.process.poll() is not None:
+            return self.process.returncode if self.process else 0
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            return self.process.wait(timeout)
+        except subprocess.TimeoutExpired:
+            os.killpg(self.process.pid, signal.SIGKILL)
+            return self.process.wait()
+
+    def log_tail(self, lines: int = 60) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:]) if self.log_path else ""
+
+    def metrics(self) -> str:
+        with urllib.request.urlopen(f"http://localhost:{self.metrics_port}/metrics", timeout=5) as r:
+            return r.read().decode()
+
+    def __enter__(self) -> "TritonServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()

@@ -1,0 +1,62 @@
+"""Session fixtures: small models, tokenizer and PEFT adapters built in a temporary folder, a PEFT
+reference model on them, and a real tritonserver serving the model repository on them."""
+
+from pathlib import Path
+
+import pytest
+import torch
+
+from backend.config import ENV_ADAPTER_DIR, ENV_BASE_MODEL
+from backend.demo import DEMO_ADAPTERS, build_adapter, build_base, build_tokenizer
+from client.server import TritonServer
+
+ADAPTERS = DEMO_ADAPTERS  # ranks 4..64; targets as list, regex, all-linear; rsLoRA; rank/alpha_pattern
+
+
+@pytest.fixture(scope="session")
+def assets(tmp_path_factory) -> Path:
+    """<root>/base (Llama + tokenizer) and <root>/adapters/<name>."""
+    root = tmp_path_factory.mktemp("assets")
+    tokenizer = build_tokenizer(root / "base", vocab_size=512)
+    build_base(root / "base", vocab_size=len(tokenizer))
+    for i, (name, lora) in enumerate(ADAPTERS.items()):
+        build_adapter(root / "base", root / "adapters" / name, seed=i + 1, **lora)
+    return root
+
+
+@pytest.fixture(scope="session")
+def peft_model(assets):
+    """PEFT's own model with every adapter loaded: the reference for outputs."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    base = AutoModelForCausalLM.from_pretrained(assets / "base", dtype=torch.float32)
+    names = list(ADAPTERS)
+    model = PeftModel.from_pretrained(base, assets / "adapters" / names[0], adapter_name=names[0])
+    for name in names[1:]:
+        model.load_adapter(assets / "adapters" / name, adapter_name=name)
+    return model.eval()
+
+
+def peft_generate(model, ids: list[int], adapter: str, max_tokens: int, end_id: int | None = None) -> list[int]:
+    """Greedy tokens from PEFT's generate(..., adapter_names=[...]) (the base model for adapter "")."""
+    with torch.no_grad():
+        out = model.generate(
+            input_ids=torch.tensor([ids]),
+            attention_mask=torch.ones(1, len(ids), dtype=torch.long),
+            adapter_names=[adapter or "__base__"],
+            max_new_tokens=max_tokens,
+            do_sample=False,
+            eos_token_id=end_id,
+            pad_token_id=0,
+        )
+    return out[0, len(ids) :].tolist()
+
+
+@pytest.fixture(scope="session")
+def server(assets, tmp_path_factory):
+    """A real tritonserver on model_repository/, pointed at the test assets."""
+    env = {ENV_BASE_MODEL: str(assets / "base"), ENV_ADAPTER_DIR: str(assets / "adapters")}
+    log = tmp_path_factory.mktemp("server") / "tritonserver.log"
+    with TritonServer(env=env, log_path=log) as s:
+        yield s
