@@ -51,7 +51,7 @@ class Adapter:
 
 
 def check_name(name: str) -> None:
-    if not NAME_RE.match(name):
+    if not NAME_RE.fullmatch(name):
         raise invalid(f"invalid LoRA adapter name {name!r}: must match {NAME_RE.pattern}")
 
 
@@ -107,9 +107,13 @@ class AdapterStore:
         try:
             cfg = json.loads((folder / CONFIG_FILE).read_text())
             tensors = load_file(folder / WEIGHTS_FILE)
-        except (OSError, ValueError) as e:
+            if not isinstance(cfg, dict):
+                raise ValueError(f"{CONFIG_FILE} is not a JSON object")
+            return Adapter(name, self._modules(name, cfg, tensors))
+        except RequestError:
+            raise
+        except Exception as e:  # any malformed file: this adapter's requests fail, nothing else
             raise invalid(f"LoRA adapter '{name}': cannot read: {e}") from e
-        return Adapter(name, self._modules(name, cfg, tensors))
 
     def _modules(self, name: str, cfg: dict, tensors: dict[str, torch.Tensor]) -> dict[str, ModuleLoRA]:
         def fail(msg: str) -> RequestError:
@@ -124,7 +128,8 @@ class AdapterStore:
         for key, tensor in tensors.items():
             m = KEY_RE.match(key)
             if not m:
-                raise fail(f"unsupported tensor {key!r} (only lora_A / lora_B weights of linear layers)")
+                hint = " (saved base weights: save with save_embedding_layers=False)" if "base_layer" in key else ""
+                raise fail(f"unsupported tensor {key!r}: only lora_A / lora_B weights of linear layers{hint}")
             pairs.setdefault(m["module"], {})[m["part"]] = tensor
 
         targets = select_targets(cfg.get("target_modules"), self.base_modules, set(self.shapes))

@@ -16,7 +16,7 @@ import torch
 from backend.adapter_manager import AdapterManager
 from backend.adapters import AdapterStore
 from backend.config import EngineConfig
-from backend.errors import RequestError, cancelled, internal, unavailable
+from backend.errors import RequestError, cancelled, internal, invalid, unavailable
 from backend.metrics import Metrics
 from backend.model_runner import ModelRunner, make_step
 from backend.request import GenerationRequest, Limits
@@ -81,6 +81,7 @@ class Engine:
         self.running: list[Sequence] = []
         self.free_rows = list(range(cfg.max_num_seqs - 1, -1, -1))
         self.stopping = threading.Event()
+        self.lock = threading.Lock()  # submit vs. the loop's decision to stop
         self.thread = threading.Thread(target=self._loop, name="lora-engine", daemon=True)
 
     def start(self) -> "Engine":
@@ -90,16 +91,20 @@ class Engine:
     def submit(self, req: GenerationRequest, emit: Callable[[Output], None]) -> None:
         """Queues a request; `emit` is called from the engine thread. Raises RequestError (INVALID_ARG,
         NOT_FOUND, UNAVAILABLE) at once for what can be told without the model."""
-        if self.stopping.is_set():
-            raise unavailable()
+        if not req.input_ids or req.max_tokens < 1 or len(req.input_ids) + req.max_tokens > self.limits.max_model_len:
+            raise invalid(f"{len(req.input_ids)} prompt tokens + max_tokens {req.max_tokens} do not fit the context")
         if req.lora_name:
             self.adapters.store.folder(req.lora_name)
-        self.metrics.request(req.lora_name)
-        self.inbox.put(Sequence(req, emit, list(req.input_ids)))
+        with self.lock:
+            if self.stopping.is_set():
+                raise unavailable()
+            self.metrics.request(req.lora_name)
+            self.inbox.put(Sequence(req, emit, list(req.input_ids)))
 
     def shutdown(self, timeout: float = 60.0) -> None:
         """Stops taking requests and finishes those in flight (up to `timeout` seconds)."""
-        self.stopping.set()
+        with self.lock:
+            self.stopping.set()
         self.thread.join(timeout)
         if self.thread.is_alive():
             log.warning("engine did not drain within %.0f s", timeout)
@@ -110,10 +115,16 @@ class Engine:
                 try:
                     self.waiting.append(self.inbox.get(timeout=0.05))
                 except queue.Empty:
-                    if self.stopping.is_set() and self.inbox.empty():
-                        return
+                    with self.lock:
+                        if self.stopping.is_set() and self.inbox.empty():
+                            return
                     continue
-            self.step()
+            try:
+                self.step()
+            except Exception as e:  # a bug must not leave requests waiting forever
+                log.exception("engine step failed")
+                for seq in [*self.running, *self.waiting]:
+                    self._finish(seq, error=internal(f"engine step failed: {e}"))
 
     def step(self) -> None:
         while not self.inbox.empty():
@@ -142,16 +153,24 @@ class Engine:
 
     def _admit(self) -> None:
         budget = self.cfg.max_prefill_tokens  # the first prompt of a step is admitted whatever its length
+        blocked = False  # once a request waits for a slot, later adapter requests wait behind it
         for seq in list(self.waiting):
             if not self.free_rows or (budget < len(seq.tokens) and budget < self.cfg.max_prefill_tokens):
                 return
+            if blocked and seq.req.lora_name:
+                continue
             try:
                 slot = self.adapters.acquire(seq.req.lora_name) if seq.req.lora_name else -1
             except RequestError as e:
                 self._finish(seq, error=e)
                 continue
+            except Exception as e:
+                log.exception("loading adapter %r failed", seq.req.lora_name)
+                self._finish(seq, error=internal(f"loading adapter '{seq.req.lora_name}' failed: {e}"))
+                continue
             if slot is None:
-                continue  # every slot busy with other adapters: wait for one to free up
+                blocked = True  # every slot is busy with other adapters: wait for one to free up
+                continue
             self.waiting.remove(seq)
             seq.slot, seq.row = slot, self.free_rows.pop()
             seq.generator = make_generator(seq.req.sampling, self.device)

@@ -89,19 +89,22 @@ def stream(url: str, model: str, timeout: float = 300.0, **values) -> Iterator[C
     results: queue.Queue = queue.Queue()
     client = grpcclient.InferenceServerClient(url)
     client.start_stream(callback=lambda result, error: results.put((result, error)))
+    done = False
     try:
         client.async_stream_infer(model, make_inputs(grpcclient, **values), enable_empty_final_response=True)
-        while True:
+        while not done:
             result, error = results.get(timeout=timeout)
             if error is not None:
+                done = True
                 raise error
             response = result.get_response()
+            done = response.parameters["triton_final_response"].bool_param
             if response.outputs:
                 yield to_chunk(result)
-            if response.parameters["triton_final_response"].bool_param:
-                return
     finally:
-        client.stop_stream(cancel_requests=True)
+        # Cancel only a request left unfinished: cancelling a finished ensemble request keeps the
+        # ensemble from unloading on Triton 2.51 (the server then waits out its exit timeout).
+        client.stop_stream(cancel_requests=not done)
         client.close()
 
 

@@ -1,6 +1,7 @@
 """Start and stop a local tritonserver on the model repository (used by the demo and the tests)."""
 
 import os
+import re
 import shutil
 import signal
 import socket
@@ -100,6 +101,14 @@ class TritonServer:
     def metrics(self) -> str:
         with urllib.request.urlopen(f"http://localhost:{self.metrics_port}/metrics", timeout=5) as r:
             return r.read().decode()
+
+    def metric(self, name: str, **labels: str) -> float:
+        """Sum of a Prometheus metric over its series whose labels include `labels`."""
+        total = 0.0
+        for series, value in re.findall(rf"^{name}{{([^}}]*)}} (\S+)$", self.metrics(), re.M):
+            if all(f'{k}="{v}"' in series for k, v in labels.items()):
+                total += float(value)
+        return total
 
     def __enter__(self) -> "TritonServer":
         return self.start()

@@ -58,5 +58,9 @@ def server(assets, tmp_path_factory):
     """A real tritonserver on model_repository/, pointed at the test assets."""
     env = {ENV_BASE_MODEL: str(assets / "base"), ENV_ADAPTER_DIR: str(assets / "adapters")}
     log = tmp_path_factory.mktemp("server") / "tritonserver.log"
-    with TritonServer(env=env, log_path=log) as s:
-        yield s
+    server = TritonServer(env=env, log_path=log).start()
+    try:
+        yield server
+    finally:
+        code = server.stop()
+    assert code == 0, f"tritonserver did not stop cleanly ({code}):\n{server.log_tail()}"

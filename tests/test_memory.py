@@ -1,0 +1,92 @@
+"""Memory: the base weights are resident once whatever front door serves them, and each extra
+adapter costs about its own tensor bytes."""
+
+import psutil
+import pytest
+import tritonclient.http as httpclient
+
+from backend.config import ENV_ADAPTER_DIR, ENV_BASE_MODEL, EngineConfig
+from backend.demo import build_adapter, build_base, build_tokenizer
+from backend.engine import Engine
+from client.server import TritonServer
+
+MB = 2**20
+
+
+def tree_rss(pid: int) -> int:
+    """Resident bytes of a process and all its descendants (the server and its Python stubs)."""
+    root = psutil.Process(pid)
+    return sum(p.memory_info().rss for p in [root, *root.children(recursive=True)])
+
+
+@pytest.fixture(scope="module")
+def big_base(tmp_path_factory):
+    """A ~300 MB fp32 Llama: a second copy would stand far above the noise of a stub process."""
+    root = tmp_path_factory.mktemp("big")
+    tokenizer = build_tokenizer(root / "base", vocab_size=512)
+    build_base(
+        root / "base",
+        vocab_size=len(tokenizer),
+        hidden_size=768,
+        intermediate_size=3072,
+        num_hidden_layers=8,
+        num_attention_heads=12,
+        num_key_value_heads=12,
+    )
+    (root / "adapters").mkdir()
+    return root
+
+
+def test_front_doors_do_not_copy_the_base(big_base, capsys):
+    weights = (big_base / "base" / "model.safetensors").stat().st_size
+    env = {ENV_BASE_MODEL: str(big_base / "base"), ENV_ADAPTER_DIR: str(big_base / "adapters")}
+    with TritonServer(env=env, models=["lora_llm"]) as server:
+        client = httpclient.InferenceServerClient(server.http_url)
+        rss = {"lora_llm": tree_rss(server.process.pid)}
+        for model in ["lora_text", "ensemble"]:  # the ensemble brings preprocessing and postprocessing
+            client.load_model(model)
+            rss[model] = tree_rss(server.process.pid)
+    with capsys.disabled():
+        print(f"\nbase weights {weights / MB:.0f} MB; server + stubs resident:", end=" ")
+        print(", ".join(f"+{m} {v / MB:.0f} MB" for m, v in rss.items()))
+    assert rss["lora_llm"] > weights  # the weights are in there once
+    assert rss["lora_text"] - rss["lora_llm"] < weights / 2
+    assert rss["ensemble"] - rss["lora_text"] < weights / 2
+
+
+def test_memory_per_adapter_is_its_tensor_bytes(tmp_path, capsys):
+    """RSS growth per adapter loaded into the engine, against the adapter's tensor bytes."""
+    tokenizer = build_tokenizer(tmp_path / "base", vocab_size=512)
+    build_base(
+        tmp_path / "base",
+        vocab_size=len(tokenizer),
+        hidden_size=512,
+        intermediate_size=1376,
+        num_hidden_layers=4,
+        num_attention_heads=8,
+        num_key_value_heads=8,
+    )
+    ranks = [8, 16, 32, 64, 64, 64]
+    for i, r in enumerate(ranks):
+        build_adapter(
+            tmp_path / "base", tmp_path / "adapters" / f"a{i}", seed=i, r=r, lora_alpha=r, target_modules="all-linear"
+        )
+    engine = Engine(
+        EngineConfig(
+            base_model=tmp_path / "base", adapter_dir=tmp_path / "adapters", max_loras=len(ranks), max_lora_rank=64
+        )
+    )
+    me = psutil.Process()
+    rows = []
+    for i in range(len(ranks)):
+        before = me.memory_info().rss
+        engine.adapters.release(engine.adapters.acquire(f"a{i}"))
+        rows.append((f"a{i}", ranks[i], engine.adapters.host[f"a{i}"].nbytes, me.memory_info().rss - before))
+    slots = sum(layer.lora_a.nbytes + layer.lora_b.nbytes for layer in engine.runner.lora.layers.values())
+    with capsys.disabled():
+        print(f"\nslot buffers (fixed, {len(ranks)} slots x rank 64): {slots / MB:.1f} MB")
+        print("adapter  rank  tensor MB  RSS growth MB")
+        for name, r, nbytes, grown in rows:
+            print(f"{name:>7} {r:>5} {nbytes / MB:>10.2f} {grown / MB:>14.2f}")
+    for name, _, nbytes, grown in rows:
+        assert grown < 1.25 * nbytes + 1 * MB, name
