@@ -1,0 +1,25 @@
+# `make demo` and `make test` set everything up first (scripts/setup.sh: idempotent, seconds when done).
+PY := .venv/bin/python
+RUFF := .venv/bin/ruff
+
+.PHONY: setup demo test test-slow lint format
+
+setup:
+	@bash scripts/setup.sh
+
+demo: setup
+	$(PY) -m client.demo
+
+test: setup lint
+	$(PY) -m pytest -m "not slow"
+
+test-slow: setup
+	$(PY) -m pytest -m slow
+
+lint: setup
+	$(RUFF) check .
+	$(RUFF) format --check .
+
+format: setup
+	$(RUFF) format .
+	$(RUFF) check --fix .
