@@ -64,4 +64,9 @@ if [[ $(/sbin/ldconfig -p 2>/dev/null) != *libb64.so.0d* && ! -e $TRITON/lib/lib
 fi
 pa_ok || { echo "setup.sh: $VENV/bin/perf_analyzer does not run" >&2; exit 1; }
 
+# The stub would write model_repository/*/1/__pycache__ on first load; the changed folder makes Triton
+# (explicit model control) reload that model, with a second copy of its weights, when a dependent
+# ensemble is loaded. Compile ahead so the folders do not change under a running server.
+"$PY" -m compileall -q model_repository >/dev/null
+
 echo "setup ok: tritonserver=$VENV/bin/tritonserver perf_analyzer=$VENV/bin/perf_analyzer (source .venv/bin/activate)"
