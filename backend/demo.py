@@ -130,6 +130,12 @@ def build_adapter(base_dir: Path, out_dir: Path, seed: int = 0, **lora) -> Path:
     return Path(out_dir)
 
 
+def build_model(out_dir: Path, vocab_size: int = 1024, **config) -> Path:
+    """Tokenizer + random base model (build_base's arch, seed and config) in one folder."""
+    tokenizer = build_tokenizer(out_dir, vocab_size)
+    return build_base(out_dir, vocab_size=len(tokenizer), **config)
+
+
 def build_demo(out_dir: Path = DEMO_DIR) -> Path:
     """Tokenizer + base model in out_dir/base, adapters in out_dir/adapters/<name>. Skips if present."""
     out_dir = Path(out_dir)
@@ -137,11 +143,8 @@ def build_demo(out_dir: Path = DEMO_DIR) -> Path:
     recipe = {"adapters": DEMO_ADAPTERS, "version": 1}
     if stamp.is_file() and json.loads(stamp.read_text()) == json.loads(json.dumps(recipe)):
         return out_dir
-    base = out_dir / "base"
-    tokenizer = build_tokenizer(base)
-    build_base(
-        base,
-        vocab_size=len(tokenizer),
+    base = build_model(
+        out_dir / "base",
         hidden_size=128,
         intermediate_size=256,
         num_hidden_layers=4,

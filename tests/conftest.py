@@ -7,7 +7,7 @@ import pytest
 import torch
 
 from backend.config import ENV_ADAPTER_DIR, ENV_BASE_MODEL
-from backend.demo import DEMO_ADAPTERS, build_adapter, build_base, build_tokenizer
+from backend.demo import DEMO_ADAPTERS, build_adapter, build_model
 from client.server import TritonServer
 
 ADAPTERS = DEMO_ADAPTERS  # ranks 4..64; targets as list, regex, all-linear; rsLoRA; rank/alpha_pattern
@@ -17,8 +17,7 @@ ADAPTERS = DEMO_ADAPTERS  # ranks 4..64; targets as list, regex, all-linear; rsL
 def assets(tmp_path_factory) -> Path:
     """<root>/base (Llama + tokenizer) and <root>/adapters/<name>."""
     root = tmp_path_factory.mktemp("assets")
-    tokenizer = build_tokenizer(root / "base", vocab_size=512)
-    build_base(root / "base", vocab_size=len(tokenizer))
+    build_model(root / "base", vocab_size=512)
     for i, (name, lora) in enumerate(ADAPTERS.items()):
         build_adapter(root / "base", root / "adapters" / name, seed=i + 1, **lora)
     return root

@@ -6,7 +6,7 @@ import pytest
 import tritonclient.http as httpclient
 
 from backend.config import ENV_ADAPTER_DIR, ENV_BASE_MODEL, EngineConfig
-from backend.demo import build_adapter, build_base, build_tokenizer
+from backend.demo import build_adapter, build_model
 from backend.engine import Engine
 from client.server import TritonServer
 
@@ -23,10 +23,9 @@ def tree_rss(pid: int) -> int:
 def big_base(tmp_path_factory):
     """A ~300 MB fp32 Llama: a second copy would stand far above the noise of a stub process."""
     root = tmp_path_factory.mktemp("big")
-    tokenizer = build_tokenizer(root / "base", vocab_size=512)
-    build_base(
+    build_model(
         root / "base",
-        vocab_size=len(tokenizer),
+        vocab_size=512,
         hidden_size=768,
         intermediate_size=3072,
         num_hidden_layers=8,
@@ -56,10 +55,9 @@ def test_front_doors_do_not_copy_the_base(big_base, capsys):
 
 def test_memory_per_adapter_is_its_tensor_bytes(tmp_path, capsys):
     """RSS growth per adapter loaded into the engine, against the adapter's tensor bytes."""
-    tokenizer = build_tokenizer(tmp_path / "base", vocab_size=512)
-    build_base(
+    build_model(
         tmp_path / "base",
-        vocab_size=len(tokenizer),
+        vocab_size=512,
         hidden_size=512,
         intermediate_size=1376,
         num_hidden_layers=4,
