@@ -20,6 +20,7 @@ class EngineConfig:
     dtype: str = "auto"  # auto = the model's dtype on cuda, float32 on cpu
     max_loras: int = 8  # adapter slots: distinct adapters in one batch
     max_lora_rank: int = 64
+    lora_backend: str = "auto"  # auto = triton on cuda, torch on cpu; triton on cpu runs Triton's interpreter
     lora_target_modules: str = "all-linear"  # layers that can take a LoRA: all-linear, a regex or name,name
     max_num_seqs: int = 32  # sequences in the running batch
     max_model_len: int = 0  # context length; 0 = the model's

@@ -62,6 +62,7 @@ class Engine:
             num_slots=cfg.max_loras,
             max_rank=cfg.max_lora_rank,
             targets=cfg.targets,
+            lora_backend=cfg.lora_backend,
         )
         store = AdapterStore(
             cfg.adapter_dir, self.runner.shapes, self.runner.module_names, cfg.max_lora_rank, self.runner.model.dtype

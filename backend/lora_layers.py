@@ -12,23 +12,20 @@ from backend.adapters import select_targets
 
 @dataclass
 class LoRAContext:
-    """Shared by every layer of a model; the engine sets `batch` before each forward."""
+    """Shared by every layer of a model; the engine sets `batch` and `last` before each forward."""
 
-    batch: lora_ops.LoRABatch | None = None  # over every token of the step
-    last: lora_ops.LoRABatch | None = None  # over each sequence's last token (the output layer sees only those)
+    ops: lora_ops.LoRAOps
+    batch: lora_ops.Segments | None = None  # over every token of the step
+    last: lora_ops.Segments | None = None  # over each sequence's last token (the output layer sees only those)
     layers: dict[str, "LoRALinear"] = field(default_factory=dict)
 
-    def batch_for(self, num_tokens: int) -> lora_ops.LoRABatch | None:
+    def batch_for(self, num_tokens: int) -> lora_ops.Segments | None:
         batch = self.batch
         return batch if batch is None or batch.num_tokens == num_tokens else self.last
 
 
 class LoRALinear(nn.Module):
-    """y = base(x) + s_i * B_i A_i x, where i is the slot of x's request.
-
-    Slots: a[S, r_max, d_in], b[S, d_out, r_max]; rank 0 means the adapter in that slot does not
-    target this layer.
-    """
+    """y = base(x) + s_i * B_i A_i x, where i is the slot of x's request."""
 
     def __init__(self, base: nn.Module, ctx: LoRAContext, num_slots: int, max_rank: int):
         super().__init__()
@@ -37,36 +34,18 @@ class LoRALinear(nn.Module):
         weight = base.weight
         # Conv1D (GPT-2) stores weight as [d_in, d_out] (PEFT's fan_in_fan_out); nn.Linear as [d_out, d_in].
         self.d_in, self.d_out = weight.shape if isinstance(base, Conv1D) else weight.shape[::-1]
-        kw = {"dtype": weight.dtype, "device": weight.device}
-        self.register_buffer("lora_a", torch.zeros(num_slots, max_rank, self.d_in, **kw), persistent=False)
-        self.register_buffer("lora_b", torch.zeros(num_slots, self.d_out, max_rank, **kw), persistent=False)
-        self.ranks = [0] * num_slots
-        self.scales = [0.0] * num_slots
+        self.w = lora_ops.SlotWeights.allocate(
+            num_slots, max_rank, self.d_in, [self.d_out], weight.dtype, weight.device
+        )
 
     def set_slot(self, slot: int, a: torch.Tensor | None, b: torch.Tensor | None, scale: float) -> None:
-        if a is None:
-            self.ranks[slot], self.scales[slot] = 0, 0.0
-            return
-        r = a.shape[0]
-        self.lora_a[slot, :r].copy_(a)
-        self.lora_b[slot, :, :r].copy_(b)
-        self.lora_a[slot, r:].zero_()
-        self.lora_b[slot, :, r:].zero_()
-        self.ranks[slot], self.scales[slot] = r, scale
+        self.w.set(slot, 0, a, b, scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         y = self.base_layer(x)
         batch = self.ctx.batch_for(x.numel() // self.d_in)
         if batch is not None:
-            lora_ops.add_lora(
-                y.view(-1, self.d_out),
-                x.reshape(-1, self.d_in),
-                self.lora_a,
-                self.lora_b,
-                self.ranks,
-                self.scales,
-                batch,
-            )
+            self.ctx.ops.add(y.view(-1, self.d_out), x.reshape(-1, self.d_in), self.w, batch)
         return y
 
 
@@ -79,9 +58,9 @@ def linear_modules(model: nn.Module, targets="all-linear") -> dict[str, nn.Modul
     return {n: linear[n] for n in linear if n in chosen}
 
 
-def wrap_model(model: nn.Module, targets, num_slots: int, max_rank: int) -> LoRAContext:
+def wrap_model(model: nn.Module, targets, num_slots: int, max_rank: int, ops: lora_ops.LoRAOps) -> LoRAContext:
     """Replaces each chosen linear layer by a LoRALinear in place; returns the shared context."""
-    ctx = LoRAContext()
+    ctx = LoRAContext(ops)
     for name, module in linear_modules(model, targets).items():
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model

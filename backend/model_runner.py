@@ -35,8 +35,8 @@ class StepBatch:
     rows: torch.Tensor  # [T] cache row of each token
     seqs: tuple[SeqSlice, ...]
     last: torch.Tensor  # [B] index of each sequence's last token: where logits are taken
-    lora: lora_ops.LoRABatch | None  # over all T tokens
-    lora_last: lora_ops.LoRABatch | None  # over the B last tokens (for a LoRA on the output layer)
+    lora: lora_ops.Segments | None  # over all T tokens
+    lora_last: lora_ops.Segments | None  # over the B last tokens (for a LoRA on the output layer)
 
 
 def make_step(seqs: list[tuple[int, list[int], int, int]], device) -> StepBatch:
@@ -57,8 +57,8 @@ def make_step(seqs: list[tuple[int, list[int], int, int]], device) -> StepBatch:
         torch.tensor(rows, **as_long),
         tuple(slices),
         last,
-        lora_ops.make_batch(token_slots),
-        lora_ops.make_batch(token_slots[last]),
+        lora_ops.segment_tokens(token_slots),
+        lora_ops.segment_tokens(token_slots[last]),
     )
 
 
@@ -139,6 +139,7 @@ class ModelRunner:
         num_slots: int,
         max_rank: int,
         targets="all-linear",
+        lora_backend: str = "auto",
     ):
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation=ATTENTION)
         self.model.to(device).eval()
@@ -149,7 +150,8 @@ class ModelRunner:
         self.max_seqs = max_seqs
         self.vocab_size = self.model.get_input_embeddings().num_embeddings
         self.module_names = [n for n, _ in self.model.named_modules() if n]
-        self.lora: LoRAContext = wrap_model(self.model, targets, num_slots, max_rank)
+        ops = lora_ops.LoRAOps(lora_backend, self.device)
+        self.lora: LoRAContext = wrap_model(self.model, targets, num_slots, max_rank, ops)
         self.shapes = {n: (layer.d_in, layer.d_out) for n, layer in self.lora.layers.items()}
         self.step: StepBatch | None = None
         attention = [m for m in self.model.modules() if hasattr(m, "layer_idx") and getattr(m, "is_causal", False)]

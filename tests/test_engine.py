@@ -303,12 +303,13 @@ def test_more_adapters_than_slots(assets, peft_model, vocab, engines):
             for module, layer in engine.runner.lora.layers.items():
                 m = adapter.modules.get(module)
                 r = m.rank if m else 0
-                if layer.ranks[seq.slot] != r or (
+                w = layer.w
+                if w.ranks[0][seq.slot] != r or (
                     m
                     and not (
-                        torch.equal(layer.lora_a[seq.slot, :r], m.a)
-                        and torch.equal(layer.lora_b[seq.slot, :, :r], m.b)
-                        and layer.scales[seq.slot] == m.scale
+                        torch.equal(w.a[0, seq.slot, :r], m.a)
+                        and torch.equal(w.b[seq.slot, :, :r], m.b)
+                        and w.scales[0][seq.slot] == m.scale
                     )
                 ):
                     violations.append(f"{name} in slot {seq.slot}: wrong weights at {module}")
