@@ -5,7 +5,6 @@ Backends: "triton" (our kernels; under the Triton interpreter on a CPU) and "tor
 semantics in torch, one matmul pair per adapter in the batch, in PEFT's order of operations).
 """
 
-import importlib
 import os
 from dataclasses import dataclass
 
@@ -85,8 +84,10 @@ class LoRAOps:
             if not on_gpu:
                 # No GPU: the same kernels, run by Triton's interpreter (decided when they are imported).
                 os.environ["TRITON_INTERPRET"] = "1"
-            self.shrink = importlib.import_module("kernels.lora_shrink").lora_shrink
-            self.expand = importlib.import_module("kernels.lora_expand").lora_expand
+            from kernels.lora_expand import lora_expand  # here: after the interpreter was chosen
+            from kernels.lora_shrink import lora_shrink
+
+            self.shrink, self.expand = lora_shrink, lora_expand
 
     def add(self, y: torch.Tensor, x: torch.Tensor, w: SlotWeights, batch: Segments) -> None:
         """y [T, N] += LoRA(x [T, d_in]) for every slice of w, in place."""

@@ -20,6 +20,19 @@ def free_port() -> int:
         return s.getsockname()[1]
 
 
+def copy_repository(dst: Path, **parameters: str) -> Path:
+    """A copy of model_repository/ with these lora_llm config.pbtxt parameters set (e.g. lora_backend="triton")."""
+    shutil.copytree(REPO_ROOT / "model_repository", dst)
+    config = Path(dst) / "lora_llm" / "config.pbtxt"
+    text = config.read_text()
+    for key, value in parameters.items():
+        text, n = re.subn(rf'(key: "{key}", value: {{ string_value: )"[^"]*"', rf'\1"{value}"', text)
+        if n != 1:
+            raise KeyError(f"lora_llm has no parameter {key!r}")
+    config.write_text(text)
+    return Path(dst)
+
+
 def tritonserver_binary() -> str:
     local = REPO_ROOT / ".venv" / "bin" / "tritonserver"
     found = str(local) if local.exists() else shutil.which("tritonserver")

@@ -6,6 +6,7 @@ a representative set (every value of every axis at least once); the full product
 Padding past each slot's rank is NaN: a kernel that reads it fails.
 """
 
+import ast
 import itertools
 import os
 import random
@@ -13,6 +14,7 @@ import re
 import subprocess
 import sys
 from dataclasses import dataclass, replace
+from pathlib import Path
 
 import pytest
 import torch
@@ -192,3 +194,16 @@ def test_every_variant_compiles_to_cubin_for_sm80_and_sm90():
     compiled, total = map(int, re.search(r"(\d+) / (\d+) variants compiled", done.stdout).groups())
     assert compiled == total > 0
     assert {"sm_80", "sm_90"} <= set(re.findall(r"sm_\d+", done.stdout))
+
+
+def test_only_the_wrapper_imports_kernels():
+    root = Path(__file__).resolve().parent.parent
+    importers = set()
+    for folder in ["backend", "model_repository", "client"]:
+        for path in (root / folder).rglob("*.py"):
+            for node in ast.walk(ast.parse(path.read_text())):
+                names = [a.name for a in node.names] if isinstance(node, ast.Import) else []
+                names += [node.module or ""] if isinstance(node, ast.ImportFrom) else []
+                if any(n == "kernels" or n.startswith("kernels.") for n in names):
+                    importers.add(str(path.relative_to(root)))
+    assert importers == {"backend/lora_ops.py"}

@@ -6,7 +6,9 @@ from concurrent.futures import ThreadPoolExecutor
 import pytest
 from tritonclient.utils import InferenceServerException
 
+from backend.config import ENV_ADAPTER_DIR, ENV_BASE_MODEL
 from client.api import generate, infer, stream
+from client.server import TritonServer, copy_repository
 from tests.conftest import ADAPTERS, peft_generate
 
 MAX_TOKENS = 10
@@ -172,3 +174,25 @@ def test_new_adapter_folder_served_without_restart(server, assets, peft_model):
     ids = [1, 20, 21, 22]
     out = generate(server.grpc_url, "lora_llm", input_ids=ids, lora_name="late-copy", max_tokens=5, end_id=-1)
     assert out.token_ids == peft_generate(peft_model, ids, "qv-r4", 5)
+
+
+def test_triton_kernels_in_the_server_match_peft(assets, peft_model, tmp_path):
+    """lora_backend=triton: the Triton kernels (here under the interpreter) serve a mixed batch through
+    the real tritonserver, and each greedy output equals PEFT's."""
+    repo = copy_repository(tmp_path / "repo", lora_backend="triton")
+    env = {ENV_BASE_MODEL: str(assets / "base"), ENV_ADAPTER_DIR: str(assets / "adapters")}
+    vocab = peft_model.get_input_embeddings().num_embeddings
+    requests = mixed_requests(10, vocab, seed=2)
+    with TritonServer(repository=repo, env=env, models=["lora_llm"]) as server:
+        with ThreadPoolExecutor(len(requests)) as pool:
+            outputs = list(
+                pool.map(
+                    lambda r: generate(
+                        server.grpc_url, "lora_llm", input_ids=r[1], lora_name=r[0] or None, max_tokens=4, end_id=-1
+                    ),
+                    requests,
+                )
+            )
+        assert server.metric("lora_engine_mixed_steps_total") > 0
+    for (name, ids), out in zip(requests, outputs):
+        assert out.token_ids == peft_generate(peft_model, ids, name, 4), (name, ids)
