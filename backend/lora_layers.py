@@ -1,8 +1,10 @@
-"""LoRA-capable layers: each wraps one base linear layer and owns its stacked adapter slots."""
+"""LoRA-capable layers: each wraps one base linear layer and owns its stacked adapter slots (or, for
+q/k/v and gate/up, shares its group's)."""
 
 from dataclasses import dataclass, field
 
 import torch
+import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -25,7 +27,8 @@ class LoRAContext:
 
 
 class LoRALinear(nn.Module):
-    """y = base(x) + s_i * B_i A_i x, where i is the slot of x's request."""
+    """y = base(x) + s_i * B_i A_i x, where i is the slot of x's request. A layer in a LoRAGroup
+    keeps its slice of the group's slots and gets its output from the group."""
 
     def __init__(self, base: nn.Module, ctx: LoRAContext, num_slots: int, max_rank: int):
         super().__init__()
@@ -37,16 +40,71 @@ class LoRALinear(nn.Module):
         self.w = lora_ops.SlotWeights.allocate(
             num_slots, max_rank, self.d_in, [self.d_out], weight.dtype, weight.device
         )
+        self.slice = 0
+        self.group: LoRAGroup | None = None
 
     def set_slot(self, slot: int, a: torch.Tensor | None, b: torch.Tensor | None, scale: float) -> None:
-        self.w.set(slot, 0, a, b, scale)
+        self.w.set(slot, self.slice, a, b, scale)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
+        if self.group is not None:
+            return self.group.output(self, x)
         y = self.base_layer(x)
         batch = self.ctx.batch_for(x.numel() // self.d_in)
         if batch is not None:
             self.ctx.ops.add(y.view(-1, self.d_out), x.reshape(-1, self.d_in), self.w, batch)
         return y
+
+
+class LoRAGroup:
+    """Sibling layers that read the same input (q/k/v, gate/up): one GEMM over their concatenated
+    weights (the members' weights become views of it: still in memory once), one shrink and one
+    expand over all their LoRA slices. The first member called computes every member's output;
+    the others, called with the same input tensor, get their columns of it."""
+
+    def __init__(self, members: list[LoRALinear], num_slots: int, max_rank: int):
+        bases = [m.base_layer for m in members]
+        self.members, self.ctx = members, members[0].ctx
+        self.weight = torch.cat([b.weight.data for b in bases])  # [N, d_in]
+        self.bias = torch.cat([b.bias.data for b in bases]) if bases[0].bias is not None else None
+        widths = [m.d_out for m in members]
+        self.w = lora_ops.SlotWeights.allocate(
+            num_slots, max_rank, members[0].d_in, widths, self.weight.dtype, self.weight.device
+        )
+        for i, (m, base) in enumerate(zip(members, bases)):
+            rows = slice(self.w.starts[i], self.w.starts[i] + widths[i])
+            base.weight.data = self.weight[rows]
+            if self.bias is not None:
+                base.bias.data = self.bias[rows]
+            m.group, m.slice, m.w = self, i, self.w
+        self._x = self._y = None
+        self._served = 0
+
+    @staticmethod
+    def fusable(members: list[LoRALinear]) -> bool:
+        bases = [m.base_layer for m in members]
+        return (
+            all(type(b) is nn.Linear for b in bases)
+            and len({(m.d_in, b.weight.dtype, b.weight.device, b.bias is None) for m, b in zip(members, bases)}) == 1
+        )
+
+    def output(self, member: LoRALinear, x: torch.Tensor) -> torch.Tensor:
+        if x is not self._x:
+            y = F.linear(x, self.weight, self.bias)
+            batch = self.ctx.batch_for(x.numel() // member.d_in)
+            if batch is not None:
+                self.ctx.ops.add(y.view(-1, y.shape[-1]), x.reshape(-1, member.d_in), self.w, batch)
+            self._x, self._y, self._served = x, y, 0
+        start = self.w.starts[member.slice]
+        out = self._y[..., start : start + member.d_out]
+        self._served += 1
+        if self._served == len(self.members):  # every member has its part: let go of the step's tensors
+            self._x = self._y = None
+        return out
+
+
+# Siblings fused into one group when all are LoRA layers over the same input.
+GROUPS = [("q_proj", "k_proj", "v_proj"), ("gate_proj", "up_proj")]
 
 
 def linear_modules(model: nn.Module, targets="all-linear") -> dict[str, nn.Module]:
@@ -58,8 +116,11 @@ def linear_modules(model: nn.Module, targets="all-linear") -> dict[str, nn.Modul
     return {n: linear[n] for n in linear if n in chosen}
 
 
-def wrap_model(model: nn.Module, targets, num_slots: int, max_rank: int, ops: lora_ops.LoRAOps) -> LoRAContext:
-    """Replaces each chosen linear layer by a LoRALinear in place; returns the shared context."""
+def wrap_model(
+    model: nn.Module, targets, num_slots: int, max_rank: int, ops: lora_ops.LoRAOps, fuse: bool = True
+) -> LoRAContext:
+    """Replaces each chosen linear layer by a LoRALinear in place, and groups q/k/v and gate/up
+    siblings (fuse=True); returns the shared context."""
     ctx = LoRAContext(ops)
     for name, module in linear_modules(model, targets).items():
         parent_name, _, child = name.rpartition(".")
@@ -67,4 +128,10 @@ def wrap_model(model: nn.Module, targets, num_slots: int, max_rank: int, ops: lo
         layer = LoRALinear(module, ctx, num_slots, max_rank)
         setattr(parent, child, layer)
         ctx.layers[name] = layer
+    if fuse:
+        for parent in model.modules():
+            for names in GROUPS:
+                members = [getattr(parent, n, None) for n in names]
+                if all(isinstance(m, LoRALinear) for m in members) and LoRAGroup.fusable(members):
+                    LoRAGroup(members, num_slots, max_rank)
     return ctx

@@ -303,13 +303,14 @@ def test_more_adapters_than_slots(assets, peft_model, vocab, engines):
             for module, layer in engine.runner.lora.layers.items():
                 m = adapter.modules.get(module)
                 r = m.rank if m else 0
-                w = layer.w
-                if w.ranks[0][seq.slot] != r or (
+                w, sl = layer.w, layer.slice  # a q/k/v or gate/up layer is a slice of its group's slots
+                cols = slice(w.starts[sl], w.starts[sl] + w.widths[sl])
+                if w.ranks[sl][seq.slot] != r or (
                     m
                     and not (
-                        torch.equal(w.a[0, seq.slot, :r], m.a)
-                        and torch.equal(w.b[seq.slot, :, :r], m.b)
-                        and w.scales[0][seq.slot] == m.scale
+                        torch.equal(w.a[sl, seq.slot, :r], m.a)
+                        and torch.equal(w.b[seq.slot, cols, :r], m.b)
+                        and w.scales[sl][seq.slot] == m.scale
                     )
                 ):
                     violations.append(f"{name} in slot {seq.slot}: wrong weights at {module}")
@@ -592,3 +593,26 @@ def test_submit_racing_shutdown_is_answered(assets):
         t.join()
     assert accepted and len(accepted) + len(refused) == 120
     assert all(c.done.wait(10.0) for c in accepted), "an accepted request was never answered"
+
+
+def test_decode_step_launches_at_most_two_kernels_per_module(assets):
+    """Single-token decode with one all-linear adapter, lora_backend=triton: one shrink and one
+    expand per lone layer and per fused group (q/k/v, gate/up), so at most two per module."""
+    engine = make_engine(assets / "base", assets / "adapters", lora_backend="triton")
+    ops = engine.runner.lora.ops
+    launches = []
+    shrink, expand = ops.shrink, ops.expand
+    ops.shrink = lambda *a, **k: launches.append("shrink") or shrink(*a, **k)
+    ops.expand = lambda *a, **k: launches.append("expand") or expand(*a, **k)
+    c = Collector()
+    engine.submit(request([1, 5, 6, 7], "all-r16-pattern", max_tokens=3), c)
+    engine.step()  # prefill
+    launches.clear()
+    engine.step()  # one decode token
+    layers = engine.runner.lora.layers
+    groups = {id(m.group) for m in layers.values() if m.group is not None}
+    units = len(groups) + sum(m.group is None for m in layers.values())
+    assert groups and launches.count("shrink") == launches.count("expand") == units
+    assert len(launches) <= 2 * len(layers)
+    num_layers = engine.runner.config.num_hidden_layers
+    assert len(launches) == 8 * num_layers  # q/k/v, o, gate/up, down: 4 units of 2 launches per layer
