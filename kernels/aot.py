@@ -38,7 +38,7 @@ def shrink_variants():
         sig = {"x_ptr": f"*{dt}", "a_ptr": f"*{dt}", "t_ptr": "*fp32"}
         sig |= dict.fromkeys(["sorted_ptr", "seg_slot_ptr", "seg_start_ptr", "seg_len_ptr", "rank_ptr"], "*i32")
         sig |= {"scale_ptr": "*fp32"} | dict.fromkeys(["d_in", "max_rank", "num_slots"], "i32")
-        sig |= {f"stride_{s}": "i32" for s in ["xm", "xk", "al", "as", "ar", "ak", "tl", "tm", "tr"]}
+        sig |= {f"stride_{s}": "i32" for s in ["xm", "xk", "al", "as", "ar", "ak", "ts", "tl", "tm", "tr"]}
         for cfg in sorted(configs):
             yield (
                 "lora_shrink",
@@ -55,8 +55,8 @@ def expand_variants():
         sig = {"t_ptr": "*fp32", "b_ptr": f"*{dt}", "y_ptr": f"*{dt}"}
         sig |= dict.fromkeys(["sorted_ptr", "seg_slot_ptr", "seg_start_ptr", "seg_len_ptr", "rank_ptr"], "*i32")
         sig |= dict.fromkeys(["slice_start_ptr", "slice_width_ptr"], "*i32")
-        sig |= dict.fromkeys(["num_slots", "max_width", "y_offset"], "i32")
-        sig |= {f"stride_{s}": "i32" for s in ["tl", "tm", "tr", "bs", "bn", "br", "ym", "yn"]}
+        sig |= dict.fromkeys(["num_slots", "max_width", "y_offset", "num_splits"], "i32")
+        sig |= {f"stride_{s}": "i32" for s in ["ts", "tl", "tm", "tr", "bs", "bn", "br", "ym", "yn"]}
         for cfg in sorted(configs):
             yield (
                 "lora_expand",

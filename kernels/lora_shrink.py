@@ -3,6 +3,8 @@
 One launch covers every adapter (slot s), every slice l (fused q/k/v or gate/up share x) and every
 token; tokens are visited through per-step segment metadata (tokens grouped by slot), so the launch
 count does not depend on the mix. Blocks past a slot's rank do no work. fp32 accumulation.
+Split-K: each K split writes its own partial t[split] (no zero-fill launch, no atomics, the same
+result every run); lora_expand sums the splits as it reads t.
 """
 
 import torch
@@ -12,13 +14,13 @@ import triton.language as tl
 
 @triton.jit
 def _lora_shrink_kernel(
-    x_ptr, a_ptr, t_ptr,  # x [T, d_in], a [L, S, R, d_in], t [L, T, R] fp32
+    x_ptr, a_ptr, t_ptr,  # x [T, d_in], a [L, S, R, d_in], t [SPLIT_K, L, T, R] fp32
     sorted_ptr, seg_slot_ptr, seg_start_ptr, seg_len_ptr,  # tokens grouped by slot; one entry per segment
     rank_ptr, scale_ptr,  # [L, S]
     d_in, max_rank, num_slots,
     stride_xm, stride_xk,
     stride_al, stride_as, stride_ar, stride_ak,
-    stride_tl, stride_tm, stride_tr,
+    stride_ts, stride_tl, stride_tm, stride_tr,
     BLOCK_M: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr, SPLIT_K: tl.constexpr,
     PRECISION: tl.constexpr, UPCAST: tl.constexpr,
 ):  # fmt: skip
@@ -59,22 +61,24 @@ def _lora_shrink_kernel(
         a_ptrs += step * stride_ak
     acc *= tl.load(scale_ptr + sl * num_slots + slot)
 
-    t_ptrs = t_ptr + sl.to(tl.int64) * stride_tl + tok[:, None] * stride_tm + offs_n[None, :] * stride_tr
-    mask = m_mask[:, None] & n_mask[None, :]
-    if SPLIT_K == 1:
-        tl.store(t_ptrs, acc, mask=mask)
-    else:
-        tl.atomic_add(t_ptrs, acc, mask=mask)
+    t_base = t_ptr + pid_k.to(tl.int64) * stride_ts + sl.to(tl.int64) * stride_tl
+    t_ptrs = t_base + tok[:, None] * stride_tm + offs_n[None, :] * stride_tr
+    tl.store(t_ptrs, acc, mask=m_mask[:, None] & n_mask[None, :])
 
 
 # Elements of the A tile per program: larger tiles spill out of registers with 4 warps (kernels.aot).
 TILE = {torch.float32: 1024, torch.float16: 2048, torch.bfloat16: 2048}
 
 
-def shrink_config(num_tokens: int, max_rank: int, d_in: int, num_segments: int, dtype=torch.float16) -> dict:
-    """Block sizes: tl.dot needs >= 16 per side; split K when there are too few blocks to fill a GPU."""
+def shrink_config(
+    num_tokens: int, max_rank: int, d_in: int, num_segments: int, dtype=torch.float16, interpreter: bool = False
+) -> dict:
+    """Block sizes: tl.dot needs >= 16 per side; split K when there are too few blocks to fill a GPU.
+    Under the interpreter (a CPU) registers do not matter and every loop step costs: one big K block."""
     block_n = min(64, max(16, triton.next_power_of_2(max_rank)))
-    block_k = min(TILE[dtype] // block_n, max(16, triton.next_power_of_2(d_in)))
+    block_k = min(512 if interpreter else TILE[dtype] // block_n, max(16, triton.next_power_of_2(d_in)))
+    if interpreter:
+        return dict(BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=1)
     blocks = num_segments * triton.cdiv(max(num_tokens // max(num_segments, 1), 1), 16)
     split_k = 1 if blocks >= 128 or d_in <= block_k else min(8, triton.cdiv(d_in, block_k))
     return dict(BLOCK_M=16, BLOCK_N=block_n, BLOCK_K=block_k, SPLIT_K=split_k)
@@ -99,23 +103,26 @@ def lora_shrink(
     max_seg_len: int,
     config: dict | None = None,
 ) -> torch.Tensor:
-    """-> t [L, T, R] fp32 (rows of tokens without an adapter, and columns past a slot's rank, are 0)."""
+    """-> t [SPLIT_K, L, T, R] fp32 partial sums. Only what lora_expand reads is written: rows of tokens
+    with an adapter, columns below that slot's rank."""
     assert x.ndim == 2 and a.ndim == 4 and x.shape[1] == a.shape[3], (x.shape, a.shape)
     assert x.dtype == a.dtype, (x.dtype, a.dtype)
     assert ranks.shape == scales.shape == a.shape[:2] and ranks.dtype == torch.int32 and scales.dtype == torch.float32
     num_slices, num_slots, max_rank, d_in = a.shape
-    t = torch.zeros(num_slices, x.shape[0], max_rank, dtype=torch.float32, device=x.device)
     num_segments = seg_slots.shape[0]
+    cfg = config or shrink_config(
+        sorted_tokens.shape[0], max_rank, d_in, num_segments, x.dtype, interpreter=x.device.type == "cpu"
+    )
+    t = torch.empty(cfg["SPLIT_K"], num_slices, x.shape[0], max_rank, dtype=torch.float32, device=x.device)
     if num_segments == 0:
         return t
-    cfg = config or shrink_config(sorted_tokens.shape[0], max_rank, d_in, num_segments, x.dtype)
     grid_m = triton.cdiv(max_seg_len, cfg["BLOCK_M"]) * triton.cdiv(max_rank, cfg["BLOCK_N"])
     grid = (grid_m * cfg["SPLIT_K"], num_slices, num_segments)
     _lora_shrink_kernel[grid](
         x, a, t, sorted_tokens, seg_slots, seg_starts, seg_lens, ranks, scales,
         d_in, max_rank, num_slots,
         x.stride(0), x.stride(1), a.stride(0), a.stride(1), a.stride(2), a.stride(3),
-        t.stride(0), t.stride(1), t.stride(2),
+        t.stride(0), t.stride(1), t.stride(2), t.stride(3),
         **dot_options(x.dtype, x.device), **cfg,
     )  # fmt: skip
     return t

@@ -1,4 +1,5 @@
-"""lora_shrink / lora_expand against their torch references, under the Triton interpreter.
+"""lora_shrink / lora_expand against their torch references: compiled on a GPU, under the Triton
+interpreter without one (this machine, CI).
 
 Grid: dtype x rank (one or mixed per slot) x tokens x distinct adapters x sizes (odd d_in) x base-only
 tokens x token order x slices (one; fused q/k/v with GQA widths; fused gate/up). The default run takes
@@ -19,9 +20,11 @@ from pathlib import Path
 import pytest
 import torch
 
-os.environ["TRITON_INTERPRET"] = "1"  # before the kernels are imported: no GPU here
+DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
+if DEVICE.type == "cpu":
+    os.environ["TRITON_INTERPRET"] = "1"  # before the kernels are imported
 
-from kernels.lora_expand import lora_expand, lora_expand_ref  # noqa: E402
+from kernels.lora_expand import expand_config, lora_expand, lora_expand_ref  # noqa: E402
 from kernels.lora_shrink import lora_shrink, lora_shrink_ref, shrink_config  # noqa: E402
 from kernels.segments import segment_tokens  # noqa: E402
 
@@ -94,20 +97,34 @@ def build(case: Case, seed: int = 0):
             ranks[sl, slot], scales[sl, slot] = r, rng.uniform(0.5, 2.0)
     x = torch.randn(case.tokens, d_in, generator=gen).to(case.dtype)
     y = torch.randn(case.tokens, N + 8, generator=gen).to(case.dtype)  # wider than the slices: an offset
-    return x, y, a, b, ranks, scales, torch.tensor(token_slots, dtype=torch.int32), starts, widths
+    token_slots = torch.tensor(token_slots, dtype=torch.int32)
+    return *(v.to(DEVICE) for v in (x, y, a, b, ranks, scales, token_slots)), starts, widths
 
 
-def run(case: Case, seed: int = 0, shrink_cfg: dict | None = None):
+def run(case: Case, seed: int = 0, configs: str = "interpreter", shrink_cfg: dict | None = None):
+    """configs: the launchers' own choice here ("interpreter": big blocks), or the tiles a GPU gets ("gpu")."""
     x, y, a, b, ranks, scales, token_slots, starts, widths = build(case, seed)
     seg = segment_tokens(token_slots)
     args = (seg.sorted_tokens, seg.slots, seg.starts, seg.lens, seg.max_len)
+    expand_cfg = None
+    if configs == "gpu" or DEVICE.type == "cuda":
+        shrink_cfg = shrink_cfg or shrink_config(len(seg.sorted_tokens), MAX_RANK, x.shape[1], len(seg.host), x.dtype)
+        expand_cfg = expand_config(MAX_RANK, max(widths))
     t = lora_shrink(x, a, ranks, scales, *args, config=shrink_cfg)
     t_ref = lora_shrink_ref(x, a, ranks, scales, token_slots)
-    starts_t, widths_t = torch.tensor(starts, dtype=torch.int32), torch.tensor(widths, dtype=torch.int32)
+    starts_t, widths_t = (torch.tensor(v, dtype=torch.int32, device=DEVICE) for v in (starts, widths))
     y_ref = lora_expand_ref(y, t_ref, b, ranks, starts_t, widths_t, token_slots, y_offset=8)
     out = y.clone()
-    lora_expand(out, t, b, ranks, starts_t, widths_t, max(widths), *args, y_offset=8)
-    return t, t_ref, out, y_ref, y, token_slots
+    lora_expand(out, t, b, ranks, starts_t, widths_t, max(widths), *args, y_offset=8, config=expand_cfg)
+    return defined(t.sum(0), ranks, token_slots), t_ref, out, y_ref, y, token_slots
+
+
+def defined(t: torch.Tensor, ranks: torch.Tensor, token_slots: torch.Tensor) -> torch.Tensor:
+    """t [L, T, R] with what lora_shrink leaves unwritten (tokens without an adapter, columns past a
+    slot's rank) set to 0, as in the reference."""
+    cols = torch.arange(t.shape[2], device=t.device)
+    slot_rank = ranks[:, token_slots.clamp(min=0)] * (token_slots >= 0)  # [L, T]
+    return torch.where(cols < slot_rank[:, :, None], t, 0.0)
 
 
 def check(case: Case, **kw) -> None:
@@ -154,9 +171,10 @@ def full_grid() -> list[Case]:
     return [c for c in dict.fromkeys(cases) if c not in set(representative())]
 
 
+@pytest.mark.parametrize("configs", ["interpreter", "gpu"])
 @pytest.mark.parametrize("case", representative(), ids=str)
-def test_kernels_match_reference(case):
-    check(case)
+def test_kernels_match_reference(case, configs):
+    check(case, configs=configs)
 
 
 @pytest.mark.slow
@@ -167,11 +185,12 @@ def test_kernels_match_reference_full_grid(case):
 
 @pytest.mark.parametrize("split_k", [1, 2, 8])
 def test_split_k_gives_the_same_t(split_k):
-    """Split-K (atomic fp32 adds) and a single pass compute the same t."""
+    """Split-K (partial sums per split, added by expand) and a single pass compute the same t and y."""
     case = Case(torch.float32, "mixed", 64, 3, "odd")
     cfg = {**shrink_config(64, MAX_RANK, 2049, 3), "SPLIT_K": split_k}
-    t, t_ref, *_ = run(case, shrink_cfg=cfg)
+    t, t_ref, out, y_ref, *_ = run(case, configs="gpu", shrink_cfg=cfg)
     torch.testing.assert_close(t, t_ref, atol=1e-4, rtol=1e-4)
+    torch.testing.assert_close(out, y_ref, atol=1e-4, rtol=1e-4)
 
 
 def test_no_adapter_tokens_is_a_no_op():
