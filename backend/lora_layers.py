@@ -30,21 +30,24 @@ class LoRALinear(nn.Module):
     """y = base(x) + s_i * B_i A_i x, where i is the slot of x's request. A layer in a LoRAGroup
     keeps its slice of the group's slots and gets its output from the group."""
 
-    def __init__(self, base: nn.Module, ctx: LoRAContext, num_slots: int, max_rank: int):
+    def __init__(self, base: nn.Module, ctx: LoRAContext):
         super().__init__()
         self.base_layer = base
         self.ctx = ctx
-        weight = base.weight
         # Conv1D (GPT-2) stores weight as [d_in, d_out] (PEFT's fan_in_fan_out); nn.Linear as [d_out, d_in].
-        self.d_in, self.d_out = weight.shape if isinstance(base, Conv1D) else weight.shape[::-1]
-        self.w = lora_ops.SlotWeights.allocate(
-            num_slots, max_rank, self.d_in, [self.d_out], weight.dtype, weight.device
-        )
+        self.d_in, self.d_out = base.weight.shape if isinstance(base, Conv1D) else base.weight.shape[::-1]
+        self.w: lora_ops.SlotWeights | None = None  # set by wrap_model: its own, or its group's
         self.slice = 0
         self.group: LoRAGroup | None = None
 
     def set_slot(self, slot: int, a: torch.Tensor | None, b: torch.Tensor | None, scale: float) -> None:
         self.w.set(slot, self.slice, a, b, scale)
+
+    def allocate(self, num_slots: int, max_rank: int) -> None:
+        weight = self.base_layer.weight
+        self.w = lora_ops.SlotWeights.allocate(
+            num_slots, max_rank, self.d_in, [self.d_out], weight.dtype, weight.device
+        )
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.group is not None:
@@ -125,7 +128,7 @@ def wrap_model(
     for name, module in linear_modules(model, targets).items():
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        layer = LoRALinear(module, ctx, num_slots, max_rank)
+        layer = LoRALinear(module, ctx)
         setattr(parent, child, layer)
         ctx.layers[name] = layer
     if fuse:
@@ -134,4 +137,7 @@ def wrap_model(
                 members = [getattr(parent, n, None) for n in names]
                 if all(isinstance(m, LoRALinear) for m in members) and LoRAGroup.fusable(members):
                     LoRAGroup(members, num_slots, max_rank)
+    for layer in ctx.layers.values():
+        if layer.w is None:
+            layer.allocate(num_slots, max_rank)
     return ctx
