@@ -136,7 +136,8 @@ class Engine:
         if not self.running:
             return
         fed = [s.tokens[s.cached :] for s in self.running]
-        batch = make_step([(s.row, toks, s.cached, s.slot) for s, toks in zip(self.running, fed)], self.device)
+        seqs = [(s.row, toks, s.cached, s.slot) for s, toks in zip(self.running, fed)]
+        batch = make_step(seqs, self.device, self.runner.lora_on_output)
         self.metrics.step({s.req.lora_name for s in self.running})
         try:
             logits = self.runner.forward(batch)

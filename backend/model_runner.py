@@ -15,7 +15,7 @@ import torch.nn.functional as F
 from transformers import AttentionInterface, AutoModelForCausalLM
 
 from backend import lora_ops
-from backend.lora_layers import LoRAContext, wrap_model
+from backend.lora_layers import LoRAContext, LoRALinear, wrap_model
 
 ATTENTION = "lora_engine"
 
@@ -36,11 +36,13 @@ class StepBatch:
     seqs: tuple[SeqSlice, ...]
     last: torch.Tensor  # [B] index of each sequence's last token: where logits are taken
     lora: lora_ops.Segments | None  # over all T tokens
-    lora_last: lora_ops.Segments | None  # over the B last tokens (for a LoRA on the output layer)
+    lora_last: lora_ops.Segments | None  # over the B last tokens (only with a LoRA on the output layer)
+    decode: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None  # single-token sequences: token, row, kv_len
 
 
-def make_step(seqs: list[tuple[int, list[int], int, int]], device) -> StepBatch:
-    """seqs: (cache row, tokens to feed, tokens already cached, lora slot or -1) per sequence."""
+def make_step(seqs: list[tuple[int, list[int], int, int]], device, lora_on_output: bool = False) -> StepBatch:
+    """seqs: (cache row, tokens to feed, tokens already cached, lora slot or -1) per sequence.
+    What every layer needs is built here, once per step."""
     ids, pos, rows, slots, slices = [], [], [], [], []
     for row, tokens, cached, slot in seqs:
         slices.append(SeqSlice(row, len(ids), len(tokens), cached + len(tokens)))
@@ -51,6 +53,7 @@ def make_step(seqs: list[tuple[int, list[int], int, int]], device) -> StepBatch:
     as_long = {"dtype": torch.long, "device": device}
     last = torch.tensor([s.start + s.length - 1 for s in slices], **as_long)
     token_slots = torch.tensor(slots, dtype=torch.int32, device=device)
+    decode = [s for s in slices if s.length == 1]
     return StepBatch(
         torch.tensor(ids, **as_long),
         torch.tensor(pos, **as_long),
@@ -58,7 +61,8 @@ def make_step(seqs: list[tuple[int, list[int], int, int]], device) -> StepBatch:
         tuple(slices),
         last,
         lora_ops.segment_tokens(token_slots),
-        lora_ops.segment_tokens(token_slots[last]),
+        lora_ops.segment_tokens(token_slots[last]) if lora_on_output else None,
+        tuple(torch.tensor(v, **as_long) for v in zip(*((s.start, s.row, s.kv_len) for s in decode))) or None,
     )
 
 
@@ -79,19 +83,16 @@ class LayerKV:
         self.k[step.rows, :, step.positions] = k[0].transpose(0, 1)
         self.v[step.rows, :, step.positions] = v[0].transpose(0, 1)
         out = torch.empty(1, q.shape[2], q.shape[1], q.shape[3], dtype=q.dtype, device=q.device)
-        decode = [s for s in step.seqs if s.length == 1]
-        if decode:
-            self._decode(q, out, decode, scaling, window)
+        if step.decode:
+            self._decode(q, out, step.decode, scaling, window)
         for s in step.seqs:
             if s.length > 1:
                 self._prefill(q, out, s, scaling, window)
         return out
 
-    def _decode(self, q, out, seqs, scaling, window):
+    def _decode(self, q, out, decode, scaling, window):
         # One attention call for every single-token sequence, keys padded to the longest.
-        idx = torch.tensor([s.start for s in seqs], device=q.device)
-        rows = torch.tensor([s.row for s in seqs], device=q.device)
-        lens = torch.tensor([s.kv_len for s in seqs], device=q.device)
+        idx, rows, lens = decode
         n = int(lens.max())
         keys = torch.arange(n, device=q.device)
         mask = keys[None, :] < lens[:, None]
@@ -153,6 +154,7 @@ class ModelRunner:
         ops = lora_ops.LoRAOps(lora_backend, self.device)
         self.lora: LoRAContext = wrap_model(self.model, targets, num_slots, max_rank, ops)
         self.shapes = {n: (layer.d_in, layer.d_out) for n, layer in self.lora.layers.items()}
+        self.lora_on_output = isinstance(self.model.get_output_embeddings(), LoRALinear)
         self.step: StepBatch | None = None
         attention = [m for m in self.model.modules() if hasattr(m, "layer_idx") and getattr(m, "is_causal", False)]
         if not attention:
