@@ -23,6 +23,7 @@ class EngineConfig:
     lora_backend: str = "auto"  # auto = triton on cuda, torch on cpu; triton on cpu runs Triton's interpreter
     lora_target_modules: str = "all-linear"  # layers that can take a LoRA: all-linear, a regex or name,name
     max_num_seqs: int = 32  # sequences in the running batch
+    num_threads: int = 0  # torch (OpenMP) threads of the engine; 0 = the cores this process may use
     max_model_len: int = 0  # context length; 0 = the model's
     max_prefill_tokens: int = 2048  # prompt tokens admitted per step
     default_max_tokens: int = 64

@@ -2,9 +2,12 @@
 
 One step = one forward over every running sequence (new prompts and decode tokens together), one
 sampled token each. Each sequence holds a KV-cache row and, if it names an adapter, a LoRA slot.
+All torch work of the model (loading it too) runs on the engine's own thread: a second thread that
+ran torch ops would bring a second OpenMP team to compete for the same cores.
 """
 
 import logging
+import os
 import queue
 import threading
 from collections import deque
@@ -18,7 +21,7 @@ from backend.adapters import AdapterStore
 from backend.config import EngineConfig
 from backend.errors import RequestError, cancelled, internal, invalid, unavailable
 from backend.metrics import Metrics
-from backend.model_runner import ModelRunner, make_step
+from backend.model_runner import ModelRunner
 from backend.request import GenerationRequest, Limits
 from backend.sampling import make_generator, sample
 
@@ -48,8 +51,27 @@ class Sequence:
 
 class Engine:
     def __init__(self, cfg: EngineConfig, metrics: Metrics | None = None):
+        """Loads the model on the engine thread and returns when it is ready (raises what loading raised).
+        Steps run once `start` is called; until then a caller may drive `step` itself (tests)."""
         self.cfg = cfg
         self.metrics = metrics or Metrics()
+        self.inbox: queue.Queue[Sequence] = queue.Queue()
+        self.waiting: deque[Sequence] = deque()
+        self.running: list[Sequence] = []
+        self.free_rows = list(range(cfg.max_num_seqs - 1, -1, -1))
+        self.stopping = threading.Event()
+        self.lock = threading.Lock()  # submit vs. the loop's decision to stop
+        self._go = threading.Event()
+        loaded: queue.Queue[BaseException | None] = queue.Queue()
+        self.thread = threading.Thread(target=self._main, args=(loaded,), name="lora-engine", daemon=True)
+        self.thread.start()
+        error = loaded.get()
+        if error is not None:
+            raise error
+
+    def _load(self) -> None:
+        cfg = self.cfg
+        torch.set_num_threads(cfg.num_threads or len(os.sched_getaffinity(0)))
         device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
         # "auto" keeps the saved dtype on a GPU; on a CPU, half precision is slow and fp32 is exact.
         dtype = getattr(torch, cfg.dtype) if cfg.dtype != "auto" else ("auto" if device == "cuda" else torch.float32)
@@ -77,17 +99,24 @@ class Engine:
             eos[0] if isinstance(eos, list) else eos,
         )
         self.device = device
-        self.inbox: queue.Queue[Sequence] = queue.Queue()
-        self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []
-        self.free_rows = list(range(cfg.max_num_seqs - 1, -1, -1))
-        self.stopping = threading.Event()
-        self.lock = threading.Lock()  # submit vs. the loop's decision to stop
-        self.thread = threading.Thread(target=self._loop, name="lora-engine", daemon=True)
+
+    def _main(self, loaded: queue.Queue) -> None:
+        try:
+            self._load()
+        except BaseException as e:
+            loaded.put(e)
+            return
+        loaded.put(None)
+        self._go.wait()
+        self._loop()
 
     def start(self) -> "Engine":
-        self.thread.start()
+        self._go.set()
         return self
+
+    @property
+    def started(self) -> bool:
+        return self._go.is_set()
 
     def submit(self, req: GenerationRequest, emit: Callable[[Output], None]) -> None:
         """Queues a request; `emit` is called from the engine thread. Raises RequestError (INVALID_ARG,
@@ -106,6 +135,7 @@ class Engine:
         """Stops taking requests and finishes those in flight (up to `timeout` seconds)."""
         with self.lock:
             self.stopping.set()
+        self._go.set()
         self.thread.join(timeout)
         if self.thread.is_alive():
             log.warning("engine did not drain within %.0f s", timeout)
@@ -137,7 +167,7 @@ class Engine:
             return
         fed = [s.tokens[s.cached :] for s in self.running]
         seqs = [(s.row, toks, s.cached, s.slot) for s, toks in zip(self.running, fed)]
-        batch = make_step(seqs, self.device, self.runner.lora_on_output)
+        batch = self.runner.make_step(seqs)
         self.metrics.step({s.req.lora_name for s in self.running})
         try:
             logits = self.runner.forward(batch)
