@@ -4,7 +4,6 @@ q/k/v and gate/up, shares its group's)."""
 from dataclasses import dataclass, field
 
 import torch
-import torch.nn.functional as F
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
@@ -12,28 +11,48 @@ from backend import lora_ops
 from backend.adapters import select_targets
 
 
+@dataclass(frozen=True)
+class LoRAStep:
+    """Which tokens of a step use which slot: every layer sees all `num_tokens` tokens of the step,
+    except the output layer, which sees each sequence's last token (`num_last`)."""
+
+    tokens: lora_ops.Rows | None  # None: no token of the step has an adapter
+    last: lora_ops.Rows | None
+    num_tokens: int
+    num_last: int
+
+
 @dataclass
 class LoRAContext:
-    """Shared by every layer of a model; the engine sets `batch` and `last` before each forward."""
+    """Shared by every layer of a model; the model runner sets `step` around each forward."""
 
     ops: lora_ops.LoRAOps
-    batch: lora_ops.Segments | None = None  # over every token of the step
-    last: lora_ops.Segments | None = None  # over each sequence's last token (the output layer sees only those)
+    step: LoRAStep | None = None
     layers: dict[str, "LoRALinear"] = field(default_factory=dict)
+    groups: list["LoRAGroup"] = field(default_factory=list)
 
-    def batch_for(self, num_tokens: int) -> lora_ops.Segments | None:
-        batch = self.batch
-        return batch if batch is None or batch.num_tokens == num_tokens else self.last
+    def segments(self, layer: "LoRALinear", x: torch.Tensor) -> lora_ops.Rows | None:
+        """The step's segments for the tokens in x; raises where x is not what the step says."""
+        step = self.step
+        if step is None:
+            raise RuntimeError(f"LoRA layer {layer.name} called outside an engine step")
+        n = x.numel() // layer.d_in
+        expected, segments = (step.num_last, step.last) if layer.is_output else (step.num_tokens, step.tokens)
+        if n != expected:
+            raise RuntimeError(f"LoRA layer {layer.name} got {n} tokens; the step has {expected} for it")
+        return segments
 
 
 class LoRALinear(nn.Module):
     """y = base(x) + s_i * B_i A_i x, where i is the slot of x's request. A layer in a LoRAGroup
     keeps its slice of the group's slots and gets its output from the group."""
 
-    def __init__(self, base: nn.Module, ctx: LoRAContext):
+    def __init__(self, base: nn.Module, ctx: LoRAContext, name: str, is_output: bool = False):
         super().__init__()
         self.base_layer = base
         self.ctx = ctx
+        self.name = name
+        self.is_output = is_output  # the output layer sees only each sequence's last token
         # Conv1D (GPT-2) stores weight as [d_in, d_out] (PEFT's fan_in_fan_out); nn.Linear as [d_out, d_in].
         self.d_in, self.d_out = base.weight.shape if isinstance(base, Conv1D) else base.weight.shape[::-1]
         self.w: lora_ops.SlotWeights | None = None  # set by wrap_model: its own, or its group's
@@ -53,7 +72,7 @@ class LoRALinear(nn.Module):
         if self.group is not None:
             return self.group.output(self, x)
         y = self.base_layer(x)
-        batch = self.ctx.batch_for(x.numel() // self.d_in)
+        batch = self.ctx.segments(self, x)
         if batch is not None:
             self.ctx.ops.add(y.view(-1, self.d_out), x.reshape(-1, self.d_in), self.w, batch)
         return y
@@ -68,20 +87,31 @@ class LoRAGroup:
     def __init__(self, members: list[LoRALinear], num_slots: int, max_rank: int):
         bases = [m.base_layer for m in members]
         self.members, self.ctx = members, members[0].ctx
-        self.weight = torch.cat([b.weight.data for b in bases])  # [N, d_in]
-        self.bias = torch.cat([b.bias.data for b in bases]) if bases[0].bias is not None else None
+        weight = torch.cat([b.weight.data for b in bases])  # [N, d_in]
+        bias = torch.cat([b.bias.data for b in bases]) if bases[0].bias is not None else None
+        self.linear = nn.Linear(weight.shape[1], weight.shape[0], bias is not None, weight.device, weight.dtype)
+        self.linear.weight.data = weight
+        if bias is not None:
+            self.linear.bias.data = bias
         widths = [m.d_out for m in members]
         self.w = lora_ops.SlotWeights.allocate(
-            num_slots, max_rank, members[0].d_in, widths, self.weight.dtype, self.weight.device
+            num_slots, max_rank, members[0].d_in, widths, weight.dtype, weight.device
         )
         for i, (m, base) in enumerate(zip(members, bases)):
             rows = slice(self.w.starts[i], self.w.starts[i] + widths[i])
-            base.weight.data = self.weight[rows]
-            if self.bias is not None:
-                base.bias.data = self.bias[rows]
+            base.weight.data = weight[rows]
+            if bias is not None:
+                base.bias.data = bias[rows]
             m.group, m.slice, m.w = self, i, self.w
         self._x = self._y = None
         self._served = 0
+        self.ctx.groups.append(self)
+
+    def replace_linear(self, linear: nn.Module) -> None:
+        """Computes the group's GEMM with `linear` (e.g. packed) and lets go of the dense weights."""
+        self.linear = linear
+        for m in self.members:
+            m.base_layer.weight = m.base_layer.bias = None
 
     @staticmethod
     def fusable(members: list[LoRALinear]) -> bool:
@@ -93,8 +123,8 @@ class LoRAGroup:
 
     def output(self, member: LoRALinear, x: torch.Tensor) -> torch.Tensor:
         if x is not self._x:
-            y = F.linear(x, self.weight, self.bias)
-            batch = self.ctx.batch_for(x.numel() // member.d_in)
+            y = self.linear(x)
+            batch = self.ctx.segments(member, x)
             if batch is not None:
                 self.ctx.ops.add(y.view(-1, y.shape[-1]), x.reshape(-1, member.d_in), self.w, batch)
             self._x, self._y, self._served = x, y, 0
@@ -125,10 +155,11 @@ def wrap_model(
     """Replaces each chosen linear layer by a LoRALinear in place, and groups q/k/v and gate/up
     siblings (fuse=True); returns the shared context."""
     ctx = LoRAContext(ops)
+    out_layer = model.get_output_embeddings()
     for name, module in linear_modules(model, targets).items():
         parent_name, _, child = name.rpartition(".")
         parent = model.get_submodule(parent_name) if parent_name else model
-        layer = LoRALinear(module, ctx)
+        layer = LoRALinear(module, ctx, name, is_output=module is out_layer)
         setattr(parent, child, layer)
         ctx.layers[name] = layer
     if fuse:

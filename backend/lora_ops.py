@@ -2,18 +2,20 @@
 
 Layers own `SlotWeights` and call `LoRAOps.add`; this module is the only one that imports `kernels`.
 Backends: "triton" (our kernels; under the Triton interpreter on a CPU) and "torch" (the same
-semantics in torch, one matmul pair per adapter in the batch, in PEFT's order of operations).
+semantics in PEFT's order of operations: on a CPU two batched matmuls per slice over the slots'
+stacked weights, however many adapters the batch holds; on a GPU one matmul pair per adapter).
 """
 
+import itertools
 import os
 from dataclasses import dataclass
 
 import torch
 
-from kernels.segments import Segments, segment_tokens
+from kernels.segments import Segments, segment_tokens, sorted_segments
 
 BACKENDS = ("auto", "triton", "torch")
-__all__ = ["BACKENDS", "LoRAOps", "Segments", "SlotWeights", "segment_tokens"]
+__all__ = ["BACKENDS", "LoRAOps", "Rows", "Segments", "SlotWeights", "segment_tokens", "sorted_segments"]
 
 
 @dataclass
@@ -67,11 +69,58 @@ class SlotWeights:
         self.rank_t[sl, slot], self.scale_t[sl, slot] = r, self.scales[sl][slot]
 
     def active(self, batch: Segments) -> bool:
-        return any(ranks[slot] for ranks in self.ranks for slot, _, _ in batch.host)
+        return any(ranks[slot] for ranks in self.ranks for slot in batch.slot_set)
+
+    def rank_in(self, sl: int, batch: Segments) -> int:
+        """The highest rank of slice sl among the batch's slots (0: no adapter of the batch has it)."""
+        return max(self.ranks[sl][slot] for slot in batch.slot_set)
 
     @property
     def nbytes(self) -> int:
         return self.a.nbytes + self.b.nbytes
+
+
+@dataclass(frozen=True)
+class Layout:
+    """How the torch path lays out a step's LoRA rows (tokens grouped by slot, slots ascending) for
+    batched matmuls over views of the slot buffers: slots lo .. lo + num - 1 cover every row.
+    Padded: [num, width] rows, one line of `width` per slot (pad_pos: where each row goes; None when
+    every slot of the range has exactly `width` rows). Grouped: one grouped matmul with `offsets`."""
+
+    lo: int
+    num: int
+    width: int  # 0: grouped
+    pad_pos: torch.Tensor | None  # [n] long
+    offsets: torch.Tensor | None  # [num] int32: end of each slot's rows
+    row_slots: torch.Tensor  # [n] long: slot - lo of each row
+
+    @classmethod
+    def of(cls, seg: Segments) -> "Layout":
+        lo, hi = seg.host[0][0], seg.host[-1][0]
+        num, width, n = hi - lo + 1, seg.max_len, seg.sorted_tokens.shape[0]
+        device = seg.token_slots.device
+        row_slots = torch.tensor([s - lo for s, _, k in seg.host for _ in range(k)], device=device)
+        if num * width <= max(4 * n, 256):  # padding costs less than a grouped matmul's per-slot overhead
+            pos = None if num * width == n else [(s - lo) * width + i for s, _, k in seg.host for i in range(k)]
+            pad_pos = None if pos is None else torch.tensor(pos, device=device)
+            return cls(lo, num, width, pad_pos, None, row_slots)
+        counts = [0] * num
+        for s, _, k in seg.host:
+            counts[s - lo] = k
+        offsets = torch.tensor(list(itertools.accumulate(counts)), dtype=torch.int32, device=device)
+        return cls(lo, num, 0, None, offsets, row_slots)
+
+
+@dataclass(frozen=True)
+class Rows:
+    """One step's LoRA metadata for the rows a layer sees (every token, or each sequence's last)."""
+
+    seg: Segments
+    layout: Layout | None  # the torch path's
+
+    @property
+    def num_tokens(self) -> int:
+        return self.seg.num_tokens
 
 
 class LoRAOps:
@@ -80,6 +129,7 @@ class LoRAOps:
             raise ValueError(f"lora_backend must be one of {BACKENDS}, got {backend!r}")
         on_gpu = torch.device(device).type == "cuda"
         self.backend = ("triton" if on_gpu else "torch") if backend == "auto" else backend
+        self.grouped = not on_gpu  # torch's _grouped_mm takes any dtype on a CPU only
         if self.backend == "triton":
             if not on_gpu:
                 # No GPU: the same kernels, run by Triton's interpreter (decided when they are imported).
@@ -89,20 +139,63 @@ class LoRAOps:
 
             self.shrink, self.expand = lora_shrink, lora_expand
 
-    def add(self, y: torch.Tensor, x: torch.Tensor, w: SlotWeights, batch: Segments) -> None:
+    def rows(self, seg: Segments | None) -> Rows | None:
+        """A step's metadata for the layers, built once per step; None when no row has an adapter."""
+        if seg is None:
+            return None
+        return Rows(seg, Layout.of(seg) if self.backend == "torch" and self.grouped else None)
+
+    def add(self, y: torch.Tensor, x: torch.Tensor, w: SlotWeights, rows: Rows) -> None:
         """y [T, N] += LoRA(x [T, d_in]) for every slice of w, in place."""
-        assert x.shape[0] == y.shape[0] == batch.num_tokens, (x.shape, y.shape, batch.num_tokens)
-        if not w.active(batch):
+        seg = rows.seg
+        assert x.shape[0] == y.shape[0] == seg.num_tokens, (x.shape, y.shape, seg.num_tokens)
+        if not w.active(seg):
             return
         if self.backend == "torch":
-            self._add_torch(y, x, w, batch)
+            if rows.layout is None:
+                self._add_per_adapter(y, x, w, seg)
+            else:
+                self._add_batched(y, x, w, seg, rows.layout)
             return
-        seg = (batch.sorted_tokens, batch.slots, batch.starts, batch.lens, batch.max_len)
-        t = self.shrink(x, w.a, w.rank_t, w.scale_t, *seg)
-        self.expand(y, t, w.b, w.rank_t, w.starts_t, w.widths_t, max(w.widths), *seg)
+        args = (seg.sorted_tokens, seg.slots, seg.starts, seg.lens, seg.max_len)
+        t = self.shrink(x, w.a, w.rank_t, w.scale_t, *args)
+        self.expand(y, t, w.b, w.rank_t, w.starts_t, w.widths_t, max(w.widths), *args)
 
     @staticmethod
-    def _add_torch(y, x, w: SlotWeights, batch: Segments) -> None:
+    def _add_batched(y, x, w: SlotWeights, seg: Segments, lay: Layout) -> None:
+        """Per slice: d = (x @ A[slot].T) @ B[slot].T * scale, as two batched (or grouped) matmuls over
+        views of the slot buffers cut to the batch's highest rank, whatever the number of adapters."""
+        first, slots = seg.first, slice(lay.lo, lay.lo + lay.num)
+        xs = x[first:] if first is not None else x.index_select(0, seg.sorted_tokens)
+        if lay.width and lay.pad_pos is None:
+            xs = xs.view(lay.num, lay.width, -1)
+        elif lay.width:
+            xs = xs.new_zeros(lay.num * lay.width, xs.shape[1]).index_copy_(0, lay.pad_pos, xs)
+            xs = xs.view(lay.num, lay.width, -1)
+        for sl in range(len(w.widths)):
+            r = w.rank_in(sl, seg)
+            if r == 0:
+                continue
+            cols = slice(w.starts[sl], w.starts[sl] + w.widths[sl])
+            a = w.a[sl, slots, :r].transpose(1, 2)  # [num, d_in, r]
+            b = w.b[slots, cols, :r].transpose(1, 2)  # [num, r, width]
+            scale = w.scale_t[sl, slots]
+            if lay.width:
+                d = torch.bmm(torch.bmm(xs, a), b)  # [num, width, w]
+                d *= scale.view(-1, 1, 1).to(d.dtype)
+                d = d.view(-1, d.shape[2])
+                if lay.pad_pos is not None:
+                    d = d.index_select(0, lay.pad_pos)
+            else:
+                d = torch._grouped_mm(torch._grouped_mm(xs, a, offs=lay.offsets), b, offs=lay.offsets)
+                d *= scale.index_select(0, lay.row_slots)[:, None].to(d.dtype)
+            if first is not None:
+                y[first:, cols] += d
+            else:
+                y[:, cols].index_add_(0, seg.sorted_tokens, d)
+
+    @staticmethod
+    def _add_per_adapter(y, x, w: SlotWeights, batch: Segments) -> None:
         for slot, start, n in batch.host:
             rows = batch.sorted_tokens[start : start + n].long()
             xs = x.index_select(0, rows).float()

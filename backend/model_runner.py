@@ -14,8 +14,8 @@ import torch
 import torch.nn.functional as F
 from transformers import AttentionInterface, AutoModelForCausalLM
 
-from backend import lora_ops
-from backend.lora_layers import LoRAContext, LoRALinear, wrap_model
+from backend import dense, lora_ops
+from backend.lora_layers import LoRAContext, LoRALinear, LoRAStep, wrap_model
 
 ATTENTION = "lora_engine"
 
@@ -33,35 +33,44 @@ class StepBatch:
     input_ids: torch.Tensor  # [T]
     positions: torch.Tensor  # [T]
     rows: torch.Tensor  # [T] cache row of each token
-    seqs: tuple[SeqSlice, ...]
+    seqs: tuple[SeqSlice, ...]  # in the order given; their tokens are laid out by LoRA slot
     last: torch.Tensor  # [B] index of each sequence's last token: where logits are taken
-    lora: lora_ops.Segments | None  # over all T tokens
-    lora_last: lora_ops.Segments | None  # over the B last tokens (only with a LoRA on the output layer)
+    lora: LoRAStep  # which tokens use which adapter slot
     decode: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None  # single-token sequences: token, row, kv_len
 
 
-def make_step(seqs: list[tuple[int, list[int], int, int]], device, lora_on_output: bool = False) -> StepBatch:
+def make_step(
+    seqs: list[tuple[int, list[int], int, int]], device, ops: lora_ops.LoRAOps, lora_on_output: bool = False
+) -> StepBatch:
     """seqs: (cache row, tokens to feed, tokens already cached, lora slot or -1) per sequence.
-    What every layer needs is built here, once per step."""
-    ids, pos, rows, slots, slices = [], [], [], [], []
-    for row, tokens, cached, slot in seqs:
-        slices.append(SeqSlice(row, len(ids), len(tokens), cached + len(tokens)))
+    What every layer needs is built here, once per step. Tokens are laid out base-model sequences
+    first, then by slot, so that each adapter's tokens are one run (logits come back in `seqs` order)."""
+    slices: list[SeqSlice | None] = [None] * len(seqs)
+    ids, pos, rows, slots = [], [], [], []
+    for i in sorted(range(len(seqs)), key=lambda i: seqs[i][3]):
+        row, tokens, cached, slot = seqs[i]
+        slices[i] = SeqSlice(row, len(ids), len(tokens), cached + len(tokens))
         ids += tokens
         pos += range(cached, cached + len(tokens))
         rows += [row] * len(tokens)
         slots += [slot] * len(tokens)
     as_long = {"dtype": torch.long, "device": device}
-    last = torch.tensor([s.start + s.length - 1 for s in slices], **as_long)
-    token_slots = torch.tensor(slots, dtype=torch.int32, device=device)
+    last = [s.start + s.length - 1 for s in slices]
     decode = [s for s in slices if s.length == 1]
+    last_slots = torch.tensor([slots[i] for i in last], device=device)
+    lora = LoRAStep(
+        ops.rows(lora_ops.sorted_segments(slots, device)),
+        ops.rows(lora_ops.segment_tokens(last_slots)) if lora_on_output else None,
+        len(ids),
+        len(last),
+    )
     return StepBatch(
         torch.tensor(ids, **as_long),
         torch.tensor(pos, **as_long),
         torch.tensor(rows, **as_long),
         tuple(slices),
-        last,
-        lora_ops.segment_tokens(token_slots),
-        lora_ops.segment_tokens(token_slots[last]) if lora_on_output else None,
+        torch.tensor(last, **as_long),
+        lora,
         tuple(torch.tensor(v, **as_long) for v in zip(*((s.start, s.row, s.kv_len) for s in decode))) or None,
     )
 
@@ -154,6 +163,11 @@ class ModelRunner:
         ops = lora_ops.LoRAOps(lora_backend, self.device)
         self.lora: LoRAContext = wrap_model(self.model, targets, num_slots, max_rank, ops)
         self.shapes = {n: (layer.d_in, layer.d_out) for n, layer in self.lora.layers.items()}
+        if self.device.type == "cpu" and dense.packing_works(self.model.dtype):
+            for group in self.lora.groups:
+                group.replace_linear(dense.PackedLinear(group.linear))
+            embeddings = (m for m in self.model.modules() if isinstance(m, torch.nn.Embedding))
+            dense.pack_linears(self.model, {m.weight.data_ptr() for m in embeddings})
         self.lora_on_output = isinstance(self.model.get_output_embeddings(), LoRALinear)
         self.step: StepBatch | None = None
         attention = [m for m in self.model.modules() if hasattr(m, "layer_idx") and getattr(m, "is_causal", False)]
@@ -162,11 +176,13 @@ class ModelRunner:
         for module in attention:
             module.lora_kv = LayerKV(self)
 
+    def make_step(self, seqs: list[tuple[int, list[int], int, int]]) -> StepBatch:
+        return make_step(seqs, self.device, self.lora.ops, self.lora_on_output)
+
     @torch.inference_mode()
     def forward(self, step: StepBatch) -> torch.Tensor:
         """-> logits [B, vocab] (fp32) at the last token of each sequence."""
-        self.step = step
-        self.lora.batch, self.lora.last = step.lora, step.lora_last
+        self.step, self.lora.step = step, step.lora
         try:
             out = self.model(
                 input_ids=step.input_ids[None],
@@ -175,5 +191,5 @@ class ModelRunner:
                 logits_to_keep=step.last,
             )
         finally:
-            self.step = self.lora.batch = self.lora.last = None
+            self.step = self.lora.step = None
         return out.logits[0].float()

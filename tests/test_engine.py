@@ -81,7 +81,7 @@ def run_all(engine: Engine, reqs: list[GenerationRequest]) -> list[Collector]:
     """Submits every request, then starts the engine if it is not running yet (so that requests
     submitted before the start share the first step), and waits for all of them."""
     collectors = submit_all(engine, reqs)
-    if engine.thread.ident is None:
+    if not engine.started:
         engine.start()
     wait_all(engine, collectors)
     return collectors
@@ -290,7 +290,8 @@ def test_more_adapters_than_slots(assets, peft_model, vocab, engines):
     forward = engine.runner.forward
 
     def check(batch):
-        token_slots = batch.lora.token_slots.tolist() if batch.lora else [-1] * len(batch.input_ids)
+        tokens = batch.lora.tokens
+        token_slots = tokens.seg.token_slots.tolist() if tokens else [-1] * len(batch.input_ids)
         for seq, s in zip(engine.running, batch.seqs):
             name = seq.req.lora_name
             if set(token_slots[s.start : s.start + s.length]) != {seq.slot}:
