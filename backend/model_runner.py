@@ -168,6 +168,7 @@ class ModelRunner:
                 group.replace_linear(dense.PackedLinear(group.linear))
             embeddings = (m for m in self.model.modules() if isinstance(m, torch.nn.Embedding))
             dense.pack_linears(self.model, {m.weight.data_ptr() for m in embeddings})
+            dense.own_memory(self.model)
         self.lora_on_output = isinstance(self.model.get_output_embeddings(), LoRALinear)
         self.step: StepBatch | None = None
         attention = [m for m in self.model.modules() if hasattr(m, "layer_idx") and getattr(m, "is_causal", False)]
