@@ -143,6 +143,7 @@ class Engine:
     def _loop(self) -> None:
         while True:
             if not (self.running or self.waiting):
+                self.metrics.flush()
                 try:
                     self.waiting.append(self.inbox.get(timeout=0.05))
                 except queue.Empty:
@@ -213,7 +214,6 @@ class Engine:
         seq.tokens.append(token)
         seq.out_ids.append(token)
         seq.out_logprobs.append(logprob)
-        self.metrics.tokens(seq.req.lora_name, 1)
         reason = None
         if token == seq.req.end_id:
             reason = "stop"
@@ -225,6 +225,8 @@ class Engine:
             self._emit(seq, Output([token], [logprob]))
 
     def _finish(self, seq: Sequence, reason: str | None = None, error: RequestError | None = None) -> None:
+        self.metrics.tokens(seq.req.lora_name, len(seq.out_ids))
+        self.metrics.flush()  # a client that has its answer sees it counted
         if seq in self.running:
             self.running.remove(seq)
             self.free_rows.append(seq.row)

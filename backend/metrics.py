@@ -1,6 +1,8 @@
 """Engine and per-adapter counters. `Metrics` keeps them in memory; `TritonMetrics` also publishes
-them through Triton's metrics endpoint (pb_utils custom metrics)."""
+them through Triton's metrics endpoint (pb_utils custom metrics) on `flush`: each publication is a
+round trip to the server process, too slow to make for every token."""
 
+import threading
 from collections import defaultdict
 
 BASE = "__base__"  # label of requests without an adapter (not a valid adapter name)
@@ -33,6 +35,9 @@ class Metrics:
 
     def get(self, name: str, adapter: str = "") -> float:
         return self.values.get((name, adapter), 0.0)
+
+    def flush(self) -> None:
+        """Publishes what changed since the last flush (here: nothing to publish)."""
 
     def request(self, adapter: str) -> None:
         self.inc("lora_requests_total", adapter or BASE)
@@ -70,6 +75,28 @@ class TritonMetrics(Metrics):
         }
         self.model = model
         self.series = {}
+        self.published: dict[tuple[str, str], float] = {}
+        self.lock = threading.Lock()  # requests are counted on Triton's thread, the rest on the engine's
+
+    def inc(self, name: str, adapter: str = "", value: float = 1.0) -> None:
+        with self.lock:
+            super().inc(name, adapter, value)
+
+    def set_max(self, name: str, value: float) -> None:
+        with self.lock:
+            super().set_max(name, value)
+
+    def flush(self) -> None:
+        with self.lock:
+            changed = [(key, value, self.published.get(key, 0.0)) for key, value in self.values.items()]
+            changed = [c for c in changed if c[1] != c[2]]
+            self.published.update((key, value) for key, value, _ in changed)
+            for (name, adapter), value, before in changed:
+                metric = self._metric(name, adapter)
+                if name in GAUGES:
+                    metric.set(value)
+                else:
+                    metric.increment(value - before)
 
     def _metric(self, name: str, adapter: str):
         key = (name, adapter)
@@ -77,11 +104,3 @@ class TritonMetrics(Metrics):
             labels = {"model": self.model, **({"adapter": adapter} if adapter else {})}
             self.series[key] = self.families[name].Metric(labels=labels)
         return self.series[key]
-
-    def inc(self, name: str, adapter: str = "", value: float = 1.0) -> None:
-        super().inc(name, adapter, value)
-        self._metric(name, adapter).increment(value)
-
-    def set_max(self, name: str, value: float) -> None:
-        super().set_max(name, value)
-        self._metric(name, "").set(self.get(name))

@@ -43,12 +43,16 @@ class TextCodec:
 
 class StreamChunker:
     """Groups streamed tokens so that each group, decoded on its own (as the postprocessing model
-    does), is exactly the text it adds: a token that ends inside a UTF-8 character, has no text
-    (a special token), is a byte-fallback token, or whose text depends on the next token, waits. The final group is
-    always sent (it can differ only where the output ends inside a broken byte sequence)."""
+    does), is exactly the text it adds. A token that ends inside a UTF-8 character, has no text (a
+    special token), is a byte-fallback token, or whose text depends on the next token waits, but no
+    more than `max_hold` tokens wait: past that, the longest run of them that decodes to whole text
+    goes out (or all of them, where none does). The final group is always sent."""
 
-    def __init__(self, codec: TextCodec):
+    CONTEXT = 8  # tokens already sent that the check decodes in front of the held ones
+
+    def __init__(self, codec: TextCodec, max_hold: int = 4):
         self.codec = codec
+        self.max_hold = max_hold
         self.sent: list[int] = []
         self.ids: list[int] = []
         self.log_probs: list[float] = []
@@ -56,18 +60,23 @@ class StreamChunker:
     def add(self, ids: list[int], log_probs: list[float], final: bool) -> tuple[list[int], list[float]] | None:
         self.ids += ids
         self.log_probs += log_probs
-        if not (final or self._complete()):
+        if final or self._complete(self.ids):
+            n = len(self.ids)
+        elif len(self.ids) > self.max_hold:
+            n = next((k for k in range(len(self.ids) - 1, 0, -1) if self._whole(self.ids[:k])), len(self.ids))
+        else:
             return None
-        out = (self.ids, self.log_probs)
-        self.sent += self.ids
-        self.ids, self.log_probs = [], []
+        out = (self.ids[:n], self.log_probs[:n])
+        self.sent = (self.sent + out[0])[-self.CONTEXT :]
+        self.ids, self.log_probs = self.ids[n:], self.log_probs[n:]
         return out
 
-    def _complete(self) -> bool:
+    def _complete(self, ids: list[int]) -> bool:
+        visible = [i for i in ids if self.codec.decode([i]) != ""]  # special tokens have no text
+        # a later byte-fallback token can still turn this one's text into U+FFFD
+        return not (visible and visible[-1] in self.codec.byte_tokens) and self._whole(ids)
+
+    def _whole(self, ids: list[int]) -> bool:
         decode = self.codec.decode
-        visible = [i for i in self.ids if self.codec.decode([i]) != ""]  # special tokens have no text
-        if visible and visible[-1] in self.codec.byte_tokens:
-            return False
-        text = decode(self.ids)
-        # against everything sent so far: a run of byte tokens can reach far back
-        return text != "" and not text.endswith("\ufffd") and decode(self.sent + self.ids) == decode(self.sent) + text
+        text = decode(ids)
+        return text != "" and not text.endswith("\ufffd") and decode(self.sent + ids) == decode(self.sent) + text

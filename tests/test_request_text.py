@@ -231,15 +231,30 @@ def random_sequences(codec: TextCodec, n: int, seed: int = 0) -> list[list[int]]
 
 
 def test_stream_chunks_decode_to_the_whole(any_codec):
+    """With no bound on what waits, the chunks decoded one by one are exactly the whole text."""
     codec = any_codec
     for ids in random_sequences(codec, 300):
         log_probs = [-0.5 * i for i in range(len(ids))]
-        chunks = stream(StreamChunker(codec), ids, log_probs)
+        chunks = stream(StreamChunker(codec, max_hold=len(ids)), ids, log_probs)
         assert "".join(codec.decode(c) for c, _, _ in chunks) == codec.decode(ids), ids
         assert all(codec.decode(c) for c, _, final in chunks if not final), ids
         assert [t for c, _, _ in chunks for t in c] == ids
         assert [lp for _, lps, _ in chunks for lp in lps] == log_probs
         assert all(len(c) == len(lps) for c, lps, _ in chunks)
+
+
+def test_stream_holds_back_at_most_a_few_tokens(any_codec):
+    """Runs of byte and special tokens that never complete a character wait at most max_hold tokens:
+    past that, what is held goes out as it is. Every token and log-prob still goes out once, in order."""
+    codec = any_codec
+    partial = [i for i in range(codec.tokenizer.get_vocab_size()) if codec.decode([i]).endswith("\ufffd")]
+    rng = random.Random(3)
+    for ids in [[rng.choice(partial) for _ in range(40)], *random_sequences(codec, 100, seed=4)]:
+        log_probs = [-0.25 * i for i in range(len(ids))]
+        chunks = stream(StreamChunker(codec, max_hold=4), ids, log_probs)
+        assert all(len(c) <= 5 for c, _, _ in chunks), [len(c) for c, _, _ in chunks]
+        assert [t for c, _, _ in chunks for t in c] == ids
+        assert [lp for _, lps, _ in chunks for lp in lps] == log_probs
 
 
 @pytest.mark.parametrize("text", TEXTS[:3])

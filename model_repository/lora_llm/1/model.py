@@ -15,6 +15,8 @@ from backend.text import StreamChunker, TextCodec
 class TritonPythonModel:
     def initialize(self, args):
         cfg = EngineConfig.from_parameters(io.parameters(args))
+        self.outbox = io.Outbox()
+        self.cancels = io.CancelWatch()
         self.engine = Engine(cfg, TritonMetrics(pb_utils, args["model_name"])).start()
         self.codec = TextCodec(cfg.base_model)
 
@@ -22,40 +24,60 @@ class TritonPythonModel:
         for request in requests:
             sender = request.get_response_sender()
             try:
-                req = parse_request(io.inputs(request), self.engine.limits)
-                req.is_cancelled = sender.is_cancelled
-                self.engine.submit(req, Responder(sender, req, self.codec).send)
+                values = io.inputs(request)
+                req = parse_request(values, self.engine.limits)
+                whole_chars = req.stream and io.scalar(values, "stream_whole_chars", False)
+                respond = Responder(sender, req, self.codec if whole_chars else None, self.outbox, self.cancels)
+                respond.outputs = set(request.requested_output_names())
+                self.engine.submit(req, respond)
             except RequestError as e:
+                self.cancels.forget(id(sender))
                 sender.send(io.error_response(e), flags=io.FINAL)
         return None
 
     def finalize(self):
         self.engine.shutdown()
+        self.outbox.close()
+        self.cancels.close()
 
 
 class Responder:
-    """Sends one request's outputs; streamed tokens go out in groups that decode to whole characters."""
+    """One request's outputs, handed to the outbox by the engine thread. Streamed tokens go out one
+    response each as they come, or together when sends fall behind; with stream_whole_chars (the
+    ensemble's text streams) in groups that decode to whole characters."""
 
-    def __init__(self, sender, req: GenerationRequest, codec: TextCodec):
+    def __init__(self, sender, req: GenerationRequest, codec, outbox: io.Outbox, cancels: io.CancelWatch):
         self.sender = sender
         self.prefix = req.input_ids if req.echo_prompt else []
-        self.chunker = StreamChunker(codec) if req.stream else None
+        self.chunker = StreamChunker(codec) if codec else None
+        self.outbox, self.cancels = outbox, cancels
+        req.is_cancelled = cancels.watch(id(sender), sender)
 
-    def send(self, out: Output) -> None:
+    def __call__(self, out: Output) -> None:
+        self.outbox.put(self, out)
+
+    def send(self, outs: list[Output]) -> None:
+        """Outputs handed over since the last send, as one response."""
+        out = outs[-1]
+        if out.error is not None or out.finish_reason:
+            self.cancels.forget(id(self.sender))
         if out.error is not None:
             self.sender.send(io.error_response(out.error), flags=io.FINAL)
             return
-        ids, log_probs = self.prefix + out.token_ids, out.log_probs
+        ids = self.prefix + [t for o in outs for t in o.token_ids]
+        log_probs = [p for o in outs for p in o.log_probs]
+        self.prefix = []
         if self.chunker:
             chunk = self.chunker.add(ids, log_probs, final=out.finish_reason is not None)
             if chunk is None:
                 return
             ids, log_probs = chunk
+        values = {
+            "output_ids": (ids, np.int64),
+            "output_log_probs": (log_probs, np.float32),
+            "finish_reason": ([out.finish_reason or ""], np.object_),
+        }
         response = pb_utils.InferenceResponse(
-            output_tensors=[
-                io.tensor("output_ids", ids, np.int64),
-                io.tensor("output_log_probs", log_probs, np.float32),
-                io.tensor("finish_reason", [out.finish_reason or ""], np.object_),
-            ]
+            output_tensors=[io.tensor(name, *v) for name, v in values.items() if name in self.outputs]
         )
         self.sender.send(response, flags=io.FINAL if out.finish_reason else 0)
