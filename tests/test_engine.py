@@ -231,6 +231,31 @@ def test_lora_on_output_layer_matches_peft(assets, vocab, tmp_path):
     assert refs[0] != peft_generate(model, ps[0], "", 5)
 
 
+def test_model_loads_and_steps_on_the_engine_thread(assets, monkeypatch):
+    """All torch work of the model runs on one thread (one OpenMP team), with the configured thread count."""
+    import backend.engine
+
+    seen = []
+
+    class Runner(backend.engine.ModelRunner):
+        def __init__(self, *a, **kw):
+            seen.append(("load", threading.current_thread().name, torch.get_num_threads()))
+            super().__init__(*a, **kw)
+
+        def forward(self, step):
+            seen.append(("step", threading.current_thread().name, torch.get_num_threads()))
+            return super().forward(step)
+
+    monkeypatch.setattr(backend.engine, "ModelRunner", Runner)
+    engine = make_engine(assets / "base", assets / "adapters", num_threads=1).start()
+    try:
+        run_all(engine, [request([1, 5, 6], "qv-r4", max_tokens=2)])
+    finally:
+        engine.shutdown()
+    assert seen[0] == ("load", "lora-engine", 1)
+    assert set(seen[1:]) == {("step", "lora-engine", 1)} and len(seen) == 3
+
+
 # --------------------------------------------------------------------------------- 2. continuous batching
 
 
