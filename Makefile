@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 RUFF := .venv/bin/ruff
 
-.PHONY: setup demo test test-slow lint format
+.PHONY: setup demo test test-slow bench lint format
 
 setup:
 	@bash scripts/setup.sh
@@ -15,6 +15,10 @@ test: setup lint
 
 test-slow: setup
 	$(PY) -m pytest -m slow
+
+# The serving benchmark (PEFT vs the engine vs tritonserver); ARGS="--quick" for a smoke run.
+bench: setup
+	$(PY) benchmarks/bench_serving.py $(ARGS)
 
 lint: setup
 	$(RUFF) check .

@@ -18,3 +18,24 @@ def test_kernel_benchmark_smoke(tmp_path):
     rows = list(csv.DictReader(table.open()))
     assert len(rows) == 3 and all(float(r["rel_error"]) < 2e-2 for r in rows)
     assert "| T | r | adapters |" in table.with_suffix(".md").read_text()
+
+
+def test_serving_benchmark_quick(tmp_path):
+    """`make bench` in --quick mode: a tiny model, every system (PEFT, the engine, the real tritonserver)
+    and workload once. It checks that the benchmark works and that every greedy output equals PEFT's;
+    it says nothing about speed."""
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "bench_serving.py"), "--quick", "--out", str(tmp_path),
+         "--assets", str(tmp_path / "assets")],
+        capture_output=True, text=True, timeout=900,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    (table,) = tmp_path.glob("serving-quick-*.csv")
+    rows = list(csv.DictReader(table.open()))
+    assert {r["system"] for r in rows} == {"peft", "engine", "server"} and len(rows) == 15
+    for r in rows:
+        same, total = map(int, r["exact"].split("/"))
+        assert same == total > 0 and r["errors"] == "0" and float(r["tok_s"]) > 0, r
+    text = table.with_suffix(".md").read_text()
+    assert "| target | measured | goal |" in text and "machine:" in text and "commit:" in text
+    assert table.with_suffix(".png").stat().st_size > 10_000

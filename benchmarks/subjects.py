@@ -1,0 +1,232 @@
+"""One benchmark subject in its own process: PEFT's mixed-batch generate, the engine in-process, or the
+real tritonserver driven over gRPC streams. Driven by bench_serving.py over stdin / stdout, one JSON
+line each way:
+
+    {"workload": {...}}  ->  {"requests": [{"adapter", "t_submit", "t_tokens", "output"}...], "seconds"}
+
+    python -m benchmarks.subjects {peft,engine,server} --assets DIR [--device cpu] [--dtype float32]
+"""
+
+import argparse
+import asyncio
+import json
+import os
+import sys
+import tempfile
+import threading
+import time
+from pathlib import Path
+
+import torch
+
+from benchmarks.workloads import Shape, Workload, adapter_names
+
+ENGINE_SETTINGS = {"max_loras": 32, "max_num_seqs": 32}
+
+
+def request_record(index: int, adapter: str) -> dict:
+    return {"index": index, "adapter": adapter, "t_submit": time.perf_counter(), "t_tokens": [], "output": []}
+
+
+class Peft:
+    """PEFT's own model with every adapter loaded; a workload runs as batches of `concurrency` requests."""
+
+    def __init__(self, assets: Path, shape: Shape, device: str, dtype: torch.dtype):
+        from peft import PeftModel
+        from transformers import AutoModelForCausalLM
+
+        base = AutoModelForCausalLM.from_pretrained(assets / "base", dtype=dtype).to(device)
+        names = adapter_names(shape)
+        model = PeftModel.from_pretrained(base, assets / "adapters" / names[0], adapter_name=names[0])
+        for name in names[1:]:
+            model.load_adapter(assets / "adapters" / name, adapter_name=name)
+        model.generation_config.eos_token_id = None  # exactly max_new_tokens, as end_id=-1 elsewhere
+        model.generation_config.pad_token_id = 0
+        self.model, self.device = model.eval(), device
+
+    def run(self, w: Workload, reqs: list[tuple[str, list[int]]]) -> list[dict]:
+        from transformers import LogitsProcessor, LogitsProcessorList
+
+        class Clock(LogitsProcessor):  # called once a step, as the step's logits are ready
+            def __call__(self, input_ids, scores):
+                sync()
+                stamps.append(time.perf_counter())
+                return scores
+
+        def sync():
+            if self.device == "cuda":
+                torch.cuda.synchronize()
+
+        records = []
+        for i in range(0, len(reqs), w.concurrency):
+            batch = reqs[i : i + w.concurrency]
+            recs = [request_record(i + j, name) for j, (name, _) in enumerate(batch)]
+            ids = torch.tensor([p for _, p in batch], device=self.device)
+            stamps: list[float] = []
+            with torch.inference_mode():
+                out = self.model.generate(
+                    input_ids=ids,
+                    attention_mask=torch.ones_like(ids),
+                    adapter_names=[name or "__base__" for name, _ in batch],
+                    max_new_tokens=w.new_tokens,
+                    do_sample=False,
+                    logits_processor=LogitsProcessorList([Clock()]),
+                )
+            sync()
+            for rec, row in zip(recs, out[:, ids.shape[1] :].tolist()):
+                rec["output"], rec["t_tokens"] = row, stamps[: len(row)]
+            records += recs
+        return records
+
+
+class InProcess:
+    """backend.engine.Engine in this process; a closed loop keeps `concurrency` requests in flight."""
+
+    def __init__(self, assets: Path, shape: Shape, device: str, dtype: str):
+        from backend.config import EngineConfig
+        from backend.engine import Engine
+
+        cfg = EngineConfig(
+            base_model=assets / "base", adapter_dir=assets / "adapters", device=device, dtype=dtype, **ENGINE_SETTINGS
+        )
+        self.engine = Engine(cfg).start()
+
+    def run(self, w: Workload, reqs: list[tuple[str, list[int]]]) -> list[dict]:
+        from backend.request import GenerationRequest
+
+        records: list[dict] = []
+        done = threading.Event()
+        lock = threading.Lock()
+
+        def submit(i: int) -> None:
+            name, ids = reqs[i]
+            rec = request_record(i, name)
+            records.append(rec)
+
+            def emit(out) -> None:
+                now = time.perf_counter()
+                rec["t_tokens"] += [now] * len(out.token_ids)
+                rec["output"] += out.token_ids
+                if out.error is not None:
+                    rec["error"] = out.error.message
+                if out.finish_reason or out.error is not None:
+                    finished()
+
+            req = GenerationRequest(ids, w.new_tokens, lora_name=name, end_id=-1, stream=True)
+            self.engine.submit(req, emit)
+
+        def finished() -> None:
+            with lock:
+                state["done"] += 1
+                nxt = state["next"]
+                state["next"] += nxt < len(reqs)
+                if state["done"] == len(reqs):
+                    done.set()
+            if nxt < len(reqs):
+                submit(nxt)
+
+        state = {"next": w.concurrency, "done": 0}
+        for i in range(min(w.concurrency, len(reqs))):
+            submit(i)
+        done.wait()
+        return records
+
+    def close(self) -> None:
+        self.engine.shutdown()
+
+
+class Server:
+    """tritonserver on a copy of model_repository/ serving lora_llm alone; each request is its own
+    gRPC stream with stream=true (tritonclient's asyncio client), `concurrency` in flight."""
+
+    def __init__(self, assets: Path, shape: Shape, device: str, dtype: str):
+        from backend.config import ENV_ADAPTER_DIR, ENV_BASE_MODEL
+        from client.server import TritonServer, copy_repository
+
+        self.tmp = tempfile.TemporaryDirectory(prefix="bench-server-")
+        params = {k: str(v) for k, v in ENGINE_SETTINGS.items()} | {"device": device, "dtype": dtype}
+        repo = copy_repository(Path(self.tmp.name) / "repo", **params)
+        env = {ENV_BASE_MODEL: str(assets / "base"), ENV_ADAPTER_DIR: str(assets / "adapters")}
+        log = Path(os.environ.get("BENCH_SERVER_LOG") or Path(self.tmp.name) / "tritonserver.log")
+        self.server = TritonServer(repository=repo, env=env, models=["lora_llm"], log_path=log).start()
+
+    def run(self, w: Workload, reqs: list[tuple[str, list[int]]]) -> list[dict]:
+        return asyncio.run(self._run(w, reqs))
+
+    async def _run(self, w: Workload, reqs) -> list[dict]:
+        import tritonclient.grpc.aio as aio
+
+        from client.api import make_inputs
+
+        client = aio.InferenceServerClient(self.server.grpc_url)
+        queue: asyncio.Queue = asyncio.Queue()
+        for i, (name, ids) in enumerate(reqs):
+            queue.put_nowait((i, name, ids))
+        records: list[dict] = []
+
+        async def one(i: int, name: str, ids: list[int]) -> None:
+            inputs = make_inputs(aio, input_ids=ids, lora_name=name or None, max_tokens=w.new_tokens, end_id=-1)
+            inputs += make_inputs(aio, stream=True)
+
+            async def request():  # the ids are all this client reads
+                yield {"model_name": "lora_llm", "inputs": inputs, "outputs": [aio.InferRequestedOutput("output_ids")]}
+
+            rec = request_record(i, name)
+            records.append(rec)
+            async for result, error in client.stream_infer(request()):
+                now = time.perf_counter()
+                if error is not None:
+                    rec["error"] = str(error)
+                    break
+                tokens = result.as_numpy("output_ids").reshape(-1).tolist()
+                rec["t_tokens"] += [now] * len(tokens)
+                rec["output"] += tokens
+
+        async def worker() -> None:
+            while not queue.empty():
+                await one(*queue.get_nowait())
+
+        try:
+            await asyncio.gather(*(worker() for _ in range(w.concurrency)))
+        finally:
+            await client.close()
+        return records
+
+    def close(self) -> None:
+        code = self.server.stop()
+        if code != 0:
+            print(f"tritonserver exited with {code}:\n{self.server.log_tail()}", file=sys.stderr)
+        self.tmp.cleanup()
+
+
+SYSTEMS = {"peft": Peft, "engine": InProcess, "server": Server}
+
+
+def main() -> None:
+    p = argparse.ArgumentParser()
+    p.add_argument("system", choices=list(SYSTEMS))
+    p.add_argument("--assets", type=Path, required=True)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--dtype", default="float32")
+    a = p.parse_args()
+    # Replies go to the original stdout; anything a library prints goes to stderr.
+    reply = os.fdopen(os.dup(1), "w")
+    os.dup2(2, 1)
+    shape = Shape(**{k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(sys.stdin.readline()).items()})
+    dtype = getattr(torch, a.dtype) if a.system == "peft" else a.dtype
+    subject = SYSTEMS[a.system](a.assets, shape, a.device, dtype)
+    print(json.dumps({"ready": a.system}), file=reply, flush=True)
+    for line in sys.stdin:
+        w = Workload(**json.loads(line))
+        reqs = w.requests(shape)
+        start = time.perf_counter()
+        records = subject.run(w, reqs)
+        seconds = time.perf_counter() - start
+        records.sort(key=lambda r: r["index"])
+        print(json.dumps({"requests": records, "seconds": seconds}), file=reply, flush=True)
+    if hasattr(subject, "close"):
+        subject.close()
+
+
+if __name__ == "__main__":
+    main()

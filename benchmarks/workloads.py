@@ -1,0 +1,117 @@
+"""The benchmark's model, adapters and workloads, built locally and deterministically.
+
+The anchor shape: a random Llama (vocab 2000, hidden 512, intermediate 1376, 8 layers, 8 heads /
+4 KV heads; 25.3M parameters) and r=16 alpha=32 adapters on q, k, v, o.
+"""
+
+import json
+import random
+from dataclasses import asdict, dataclass
+from pathlib import Path
+
+import torch
+from peft import LoraConfig, get_peft_model
+from peft.tuners.lora import LoraLayer
+from transformers import AutoModelForCausalLM
+
+from backend.demo import build_model
+
+
+@dataclass(frozen=True)
+class Shape:
+    vocab_size: int = 2000
+    hidden_size: int = 512
+    intermediate_size: int = 1376
+    num_hidden_layers: int = 8
+    num_attention_heads: int = 8
+    num_key_value_heads: int = 4
+    max_position_embeddings: int = 512
+    rank: int = 16
+    alpha: int = 32
+    targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
+    num_adapters: int = 128
+
+
+ANCHOR = Shape()
+QUICK = Shape(vocab_size=600, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_adapters=12)
+# For a GPU: a ~1B-parameter Llama (TinyLlama's layers; the vocabulary is what the local tokenizer reaches).
+ONE_B = Shape(
+    hidden_size=2048,
+    intermediate_size=5632,
+    num_hidden_layers=22,
+    num_attention_heads=32,
+    num_key_value_heads=4,
+    max_position_embeddings=2048,
+    num_adapters=64,
+)
+
+
+@dataclass(frozen=True)
+class Workload:
+    name: str
+    num_requests: int
+    concurrency: int  # requests in flight at once (closed loop); PEFT runs batches of this size
+    adapters: str  # "base", "one", "distinct", "zipf"
+    distinct: int = 0  # for "distinct": adapters cycled over the requests
+    prompt_len: int = 32
+    new_tokens: int = 32
+
+    def requests(self, shape: Shape, seed: int = 0) -> list[tuple[str, list[int]]]:
+        """(adapter name or "", prompt ids) per request; the same for every system and round."""
+        rng = random.Random(seed)
+        names = adapter_names(shape)
+        prompts = [[1] + [rng.randrange(4, shape.vocab_size) for _ in range(self.prompt_len - 1)]]
+        prompts += [[1] + [rng.randrange(4, shape.vocab_size) for _ in range(self.prompt_len - 1)]
+                    for _ in range(self.num_requests - 1)]  # fmt: skip
+        if self.adapters == "base":
+            chosen = [""] * self.num_requests
+        elif self.adapters == "one":
+            chosen = [names[0]] * self.num_requests
+        elif self.adapters == "distinct":
+            chosen = [names[i % self.distinct] for i in range(self.num_requests)]
+        else:  # 80/20: 80% of the requests go to the most popular 20% of the adapters
+            hot = names[: max(1, len(names) // 5)]
+            chosen = [rng.choice(hot) if rng.random() < 0.8 else rng.choice(names) for _ in range(self.num_requests)]
+        return list(zip(chosen, prompts))
+
+
+def workloads(quick: bool = False) -> list[Workload]:
+    n, c = (8, 8) if quick else (32, 32)
+    new = 8 if quick else 32
+    prompt = 8 if quick else 32
+    slow_n = 16 if quick else 128
+    return [
+        Workload("base only", n, c, "base", prompt_len=prompt, new_tokens=new),
+        Workload("1 adapter", n, c, "one", prompt_len=prompt, new_tokens=new),
+        Workload(f"{n // 4} distinct", n, c, "distinct", n // 4, prompt_len=prompt, new_tokens=new),
+        Workload(f"{n} distinct", n, c, "distinct", n, prompt_len=prompt, new_tokens=new),
+        Workload("zipf 80/20", slow_n, c, "zipf", prompt_len=prompt, new_tokens=new),
+    ]
+
+
+def adapter_names(shape: Shape) -> list[str]:
+    return [f"a{i:03d}" for i in range(shape.num_adapters)]
+
+
+def build_assets(root: Path, shape: Shape) -> Path:
+    """root/base (tokenizer + model) and root/adapters/<name>; kept and reused while the shape is the same."""
+    root = Path(root)
+    stamp = root / "built.json"
+    recipe = {"shape": asdict(shape), "version": 1}
+    if stamp.is_file() and json.loads(stamp.read_text()) == json.loads(json.dumps(recipe)):
+        return root
+    sizes = {k: v for k, v in asdict(shape).items() if k not in ("rank", "alpha", "targets", "num_adapters")}
+    vocab = sizes.pop("vocab_size")
+    base = build_model(root / "base", vocab_size=vocab, initializer_range=0.05, **sizes)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
+    lora = LoraConfig(r=shape.rank, lora_alpha=shape.alpha, target_modules=list(shape.targets), init_lora_weights=False)
+    model = get_peft_model(model, lora)
+    for i, name in enumerate(adapter_names(shape)):
+        torch.manual_seed(1000 + i)  # as build_adapter: A and B get nn.Linear's own random init
+        for module in model.modules():
+            if isinstance(module, LoraLayer):
+                module.lora_A["default"].reset_parameters()
+                module.lora_B["default"].reset_parameters()
+        model.save_pretrained(root / "adapters" / name)
+    stamp.write_text(json.dumps(recipe))
+    return root
