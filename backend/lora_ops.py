@@ -83,32 +83,49 @@ class SlotWeights:
 @dataclass(frozen=True)
 class Layout:
     """How the torch path lays out a step's LoRA rows (tokens grouped by slot, slots ascending) for
-    batched matmuls over views of the slot buffers: slots lo .. lo + num - 1 cover every row.
+    batched matmuls over the slot buffers: over a view of slots lo .. lo + num - 1, or, where most of
+    that range is unused, over a copy of the `num` slots in `gather`.
     Padded: [num, width] rows, one line of `width` per slot (pad_pos: where each row goes; None when
-    every slot of the range has exactly `width` rows). Grouped: one grouped matmul with `offsets`."""
+    every slot has exactly `width` rows). Grouped: one grouped matmul with `offsets`."""
 
     lo: int
     num: int
+    gather: torch.Tensor | None  # [num] long: the slots, when copied rather than viewed
     width: int  # 0: grouped
     pad_pos: torch.Tensor | None  # [n] long
     offsets: torch.Tensor | None  # [num] int32: end of each slot's rows
-    row_slots: torch.Tensor  # [n] long: slot - lo of each row
+    row_slots: torch.Tensor  # [n] long: the position of each row's slot among the num
 
     @classmethod
     def of(cls, seg: Segments) -> "Layout":
-        lo, hi = seg.host[0][0], seg.host[-1][0]
-        num, width, n = hi - lo + 1, seg.max_len, seg.sorted_tokens.shape[0]
+        used = [s for s, _, _ in seg.host]
+        lo, span = used[0], used[-1] - used[0] + 1
+        position = {s: s - lo for s in used} if span <= 2 * len(used) else {s: i for i, s in enumerate(used)}
+        num, width, n = max(position.values()) + 1, seg.max_len, seg.sorted_tokens.shape[0]
         device = seg.token_slots.device
-        row_slots = torch.tensor([s - lo for s, _, k in seg.host for _ in range(k)], device=device)
+        gather = None if num == span else torch.tensor(used, device=device)
+        row_slots = torch.tensor([position[s] for s, _, k in seg.host for _ in range(k)], device=device)
         if num * width <= max(4 * n, 256):  # padding costs less than a grouped matmul's per-slot overhead
-            pos = None if num * width == n else [(s - lo) * width + i for s, _, k in seg.host for i in range(k)]
-            pad_pos = None if pos is None else torch.tensor(pos, device=device)
-            return cls(lo, num, width, pad_pos, None, row_slots)
+            pos = [position[s] * width + i for s, _, k in seg.host for i in range(k)]
+            pad_pos = None if num * width == n else torch.tensor(pos, device=device)
+            return cls(lo, num, gather, width, pad_pos, None, row_slots)
         counts = [0] * num
         for s, _, k in seg.host:
-            counts[s - lo] = k
+            counts[position[s]] = k
         offsets = torch.tensor(list(itertools.accumulate(counts)), dtype=torch.int32, device=device)
-        return cls(lo, num, 0, None, offsets, row_slots)
+        return cls(lo, num, gather, 0, None, offsets, row_slots)
+
+    def weights(self, w: "SlotWeights", sl: int, r: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """(A [num, d_in, r], B [num, r, width], scale [num]) of slice sl for the layout's slots."""
+        cols = slice(w.starts[sl], w.starts[sl] + w.widths[sl])
+        if self.gather is None:
+            slots = slice(self.lo, self.lo + self.num)
+            a, b, scale = w.a[sl, slots, :r], w.b[slots, cols, :r], w.scale_t[sl, slots]
+        else:
+            a = w.a[sl, :, :r].index_select(0, self.gather)
+            b = w.b[:, cols, :r].index_select(0, self.gather)
+            scale = w.scale_t[sl].index_select(0, self.gather)
+        return a.transpose(1, 2), b.transpose(1, 2), scale
 
 
 @dataclass(frozen=True)
@@ -164,8 +181,8 @@ class LoRAOps:
     @staticmethod
     def _add_batched(y, x, w: SlotWeights, seg: Segments, lay: Layout) -> None:
         """Per slice: d = (x @ A[slot].T) @ B[slot].T * scale, as two batched (or grouped) matmuls over
-        views of the slot buffers cut to the batch's highest rank, whatever the number of adapters."""
-        first, slots = seg.first, slice(lay.lo, lay.lo + lay.num)
+        the slot buffers cut to the batch's highest rank, whatever the number of adapters."""
+        first = seg.first
         xs = x[first:] if first is not None else x.index_select(0, seg.sorted_tokens)
         if lay.width and lay.pad_pos is None:
             xs = xs.view(lay.num, lay.width, -1)
@@ -177,9 +194,7 @@ class LoRAOps:
             if r == 0:
                 continue
             cols = slice(w.starts[sl], w.starts[sl] + w.widths[sl])
-            a = w.a[sl, slots, :r].transpose(1, 2)  # [num, d_in, r]
-            b = w.b[slots, cols, :r].transpose(1, 2)  # [num, r, width]
-            scale = w.scale_t[sl, slots]
+            a, b, scale = lay.weights(w, sl, r)
             if lay.width:
                 d = torch.bmm(torch.bmm(xs, a), b)  # [num, width, w]
                 d *= scale.view(-1, 1, 1).to(d.dtype)

@@ -32,13 +32,15 @@ SHAPES = {"anchor": ANCHOR, "quick": QUICK, "1b": ONE_B}
 
 
 class Subject:
-    """A subject process (benchmarks/subjects.py), one JSON line each way."""
+    """A subject process (benchmarks/subjects.py), one JSON line each way. system: a name of SYSTEMS,
+    or name:key=value,key=value to change its settings (see subjects.py)."""
 
     def __init__(self, system: str, assets: Path, shape, device: str, dtype: str, log: Path):
         self.system = system
         self.log = open(log, "w")  # noqa: SIM115 (open for the subject's lifetime; close() closes it)
-        cmd = [sys.executable, "-m", "benchmarks.subjects", system, "--assets", str(assets)]
-        cmd += ["--device", device, "--dtype", dtype]
+        name, _, settings = system.partition(":")
+        cmd = [sys.executable, "-m", "benchmarks.subjects", name, "--assets", str(assets)]
+        cmd += ["--device", device, "--dtype", dtype, *(f"--set={kv}" for kv in settings.split(",") if kv)]
         self.proc = subprocess.Popen(
             cmd, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True
         )
@@ -65,6 +67,11 @@ class Subject:
         self.proc.stdin.close()
         self.proc.wait(120)
         self.log.close()
+
+
+def label(system: str) -> str:
+    name, _, settings = system.partition(":")
+    return LABELS[name] + (f" ({settings})" if settings else "")
 
 
 def percentiles(values: list[float]) -> tuple[float, float, float]:
@@ -189,7 +196,7 @@ def write(rows, loads, info: dict, out: Path) -> Path:
     ]
     for r in rows:
         lines.append(
-            f"| {LABELS[r['system']]} | {r['workload']} | {r['tok_s']:.0f} | {r['x_base']:.2f} | {r['x_peft']:.2f}"
+            f"| {label(r['system'])} | {r['workload']} | {r['tok_s']:.0f} | {r['x_base']:.2f} | {r['x_peft']:.2f}"
             f" | {r['ttft_p50_ms']:.0f} / {r['ttft_p90_ms']:.0f} / {r['ttft_p99_ms']:.0f}"
             f" | {r['itl_p50_ms']:.1f} / {r['itl_p90_ms']:.1f} / {r['itl_p99_ms']:.1f} | {r['exact']} | {r['errors']} |"
         )
@@ -230,7 +237,7 @@ def plot(rows, loads, path: Path, info: dict) -> None:
     for i, s in enumerate(systems):
         xs = [j + i * width for j in range(len(loads))]
         ys = [by[s, w.name]["tok_s"] for w in loads]
-        bars = ax.bar(xs, ys, width, label=LABELS[s])
+        bars = ax.bar(xs, ys, width, label=label(s))
         ax.bar_label(bars, fmt="%.0f", fontsize=7)
     ax.set_xticks([j + width * (len(systems) - 1) / 2 for j in range(len(loads))], [w.name for w in loads])
     ax.set_ylabel("generated tokens / s")
@@ -246,7 +253,7 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="tiny model, small workloads, one round")
     p.add_argument("--shape", choices=list(SHAPES), help="default: anchor (quick with --quick)")
     p.add_argument("--rounds", type=int, help="default: 5 (1 with --quick)")
-    p.add_argument("--systems", nargs="+", choices=SYSTEMS, default=SYSTEMS)
+    p.add_argument("--systems", nargs="+", default=SYSTEMS, help=f"of {SYSTEMS}; name:key=value,... changes settings")
     p.add_argument("--workloads", nargs="+", help="names to run (default: all); base only always runs")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
@@ -270,7 +277,8 @@ def main(argv=None) -> int:
     try:
         for s in a.systems:
             bar.set_description(f"starting {s}")
-            subjects[s] = Subject(s, assets, shape, a.device, a.dtype, logs / f"{s}.log")
+            log = logs / (re.sub(r"[^A-Za-z0-9_.=-]+", "_", s) + ".log")
+            subjects[s] = Subject(s, assets, shape, a.device, a.dtype, log)
         for rnd in range(rounds + 1):  # round 0 warms up: adapters read, caches filled
             for w in loads:
                 order = a.systems[rnd % len(a.systems) :] + a.systems[: rnd % len(a.systems)]

@@ -4,7 +4,10 @@ line each way:
 
     {"workload": {...}}  ->  {"requests": [{"adapter", "t_submit", "t_tokens", "output"}...], "seconds"}
 
-    python -m benchmarks.subjects {peft,engine,server} --assets DIR [--device cpu] [--dtype float32]
+    python -m benchmarks.subjects {peft,engine,server} --assets DIR [--device cpu] [--dtype float32] [--set k=v ...]
+
+--set changes an engine setting (EngineConfig field; a lora_llm parameter for the server) or, as
+env:NAME=value, the server's environment: to compare settings side by side.
 """
 
 import argparse
@@ -31,7 +34,7 @@ def request_record(index: int, adapter: str) -> dict:
 class Peft:
     """PEFT's own model with every adapter loaded; a workload runs as batches of `concurrency` requests."""
 
-    def __init__(self, assets: Path, shape: Shape, device: str, dtype: torch.dtype):
+    def __init__(self, assets: Path, shape: Shape, device: str, dtype: torch.dtype, settings: dict[str, str]):
         from peft import PeftModel
         from transformers import AutoModelForCausalLM
 
@@ -82,14 +85,13 @@ class Peft:
 class InProcess:
     """backend.engine.Engine in this process; a closed loop keeps `concurrency` requests in flight."""
 
-    def __init__(self, assets: Path, shape: Shape, device: str, dtype: str):
+    def __init__(self, assets: Path, shape: Shape, device: str, dtype: str, settings: dict[str, str]):
         from backend.config import EngineConfig
         from backend.engine import Engine
 
-        cfg = EngineConfig(
-            base_model=assets / "base", adapter_dir=assets / "adapters", device=device, dtype=dtype, **ENGINE_SETTINGS
-        )
-        self.engine = Engine(cfg).start()
+        params = {k: str(v) for k, v in ENGINE_SETTINGS.items()} | {"device": device, "dtype": dtype} | settings
+        paths = {"base_model": str(assets.resolve() / "base"), "adapter_dir": str(assets.resolve() / "adapters")}
+        self.engine = Engine(EngineConfig.from_parameters(params | paths, env={})).start()
 
     def run(self, w: Workload, reqs: list[tuple[str, list[int]]]) -> list[dict]:
         from backend.request import GenerationRequest
@@ -139,14 +141,16 @@ class Server:
     """tritonserver on a copy of model_repository/ serving lora_llm alone; each request is its own
     gRPC stream with stream=true (tritonclient's asyncio client), `concurrency` in flight."""
 
-    def __init__(self, assets: Path, shape: Shape, device: str, dtype: str):
+    def __init__(self, assets: Path, shape: Shape, device: str, dtype: str, settings: dict[str, str]):
         from backend.config import ENV_ADAPTER_DIR, ENV_BASE_MODEL
         from client.server import TritonServer, copy_repository
 
         self.tmp = tempfile.TemporaryDirectory(prefix="bench-server-")
         params = {k: str(v) for k, v in ENGINE_SETTINGS.items()} | {"device": device, "dtype": dtype}
+        params |= {k: v for k, v in settings.items() if not k.startswith("env:")}
         repo = copy_repository(Path(self.tmp.name) / "repo", **params)
         env = {ENV_BASE_MODEL: str(assets / "base"), ENV_ADAPTER_DIR: str(assets / "adapters")}
+        env |= {k.removeprefix("env:"): v for k, v in settings.items() if k.startswith("env:")}
         log = Path(os.environ.get("BENCH_SERVER_LOG") or Path(self.tmp.name) / "tritonserver.log")
         self.server = TritonServer(repository=repo, env=env, models=["lora_llm"], log_path=log).start()
 
@@ -208,13 +212,15 @@ def main() -> None:
     p.add_argument("--assets", type=Path, required=True)
     p.add_argument("--device", default="cpu")
     p.add_argument("--dtype", default="float32")
+    p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE")
     a = p.parse_args()
     # Replies go to the original stdout; anything a library prints goes to stderr.
     reply = os.fdopen(os.dup(1), "w")
     os.dup2(2, 1)
     shape = Shape(**{k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(sys.stdin.readline()).items()})
     dtype = getattr(torch, a.dtype) if a.system == "peft" else a.dtype
-    subject = SYSTEMS[a.system](a.assets, shape, a.device, dtype)
+    settings = dict(kv.split("=", 1) for kv in a.set)
+    subject = SYSTEMS[a.system](a.assets, shape, a.device, dtype, settings)
     print(json.dumps({"ready": a.system}), file=reply, flush=True)
     for line in sys.stdin:
         w = Workload(**json.loads(line))

@@ -34,19 +34,20 @@ def token_slots(pattern: str, n: int, rng: random.Random) -> list[int]:
         "uniform": [i % 4 for i in range(n)],  # every slot of the range the same count: in place
         "uneven": [rng.choice([0, 0, 0, 2, 3, -1]) for _ in range(n)],  # padded, with gaps
         "one long": ([0, 4, -1] + [2] * n)[:n],  # one long segment over a range of 5 slots: grouped
+        "sparse": [[0, 0, 7, -1][i % 4] for i in range(n)],  # two slots far apart: their weights are copied
         "base only": [-1] * n,
     }[pattern]
 
 
 @pytest.mark.parametrize("dtype", list(TOLERANCE), ids=str)
 @pytest.mark.parametrize("widths", [[48], [64, 16, 16]], ids=["one", "qkv"])
-@pytest.mark.parametrize("pattern", ["uniform", "uneven", "one long", "base only"])
+@pytest.mark.parametrize("pattern", ["uniform", "uneven", "one long", "sparse", "base only"])
 @pytest.mark.parametrize("in_place", [True, False], ids=["sorted", "gathered"])
 @pytest.mark.parametrize("tokens", [1, 12, 300])
 def test_batched_equals_per_adapter(dtype, widths, pattern, in_place, tokens):
     rng = random.Random(tokens)
     d_in = 40
-    w = make_weights(widths, d_in, num_slots=5, ranks=[8, 3, 16, 1, 0], dtype=dtype)
+    w = make_weights(widths, d_in, num_slots=8, ranks=[8, 3, 16, 1, 0, 4, 4, 2], dtype=dtype)
     slots = token_slots(pattern, tokens, rng)
     if in_place:
         slots.sort()
@@ -63,8 +64,13 @@ def test_batched_equals_per_adapter(dtype, widths, pattern, in_place, tokens):
         assert pattern == "base only" and rows is None
         return
     if tokens == 300:  # each layout is exercised
-        kind = "grouped" if rows.layout.width == 0 else "in place" if rows.layout.pad_pos is None else "padded"
-        assert kind == {"uniform": "in place", "uneven": "padded", "one long": "grouped"}[pattern]
+        lay = rows.layout
+        kind = "grouped" if lay.width == 0 else "in place" if lay.pad_pos is None else "padded"
+        kind += " copied" if lay.gather is not None else ""
+        assert (
+            kind
+            == {"uniform": "in place", "uneven": "padded", "one long": "grouped", "sparse": "padded copied"}[pattern]
+        )
     got, want = y.clone(), y.clone()
     ops.add(got, x, w, rows)
     lora_ops.LoRAOps._add_per_adapter(want, x, w, seg)
