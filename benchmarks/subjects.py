@@ -89,6 +89,7 @@ class InProcess:
         from backend.config import EngineConfig
         from backend.engine import Engine
 
+        os.environ.update({k.removeprefix("env:"): v for k, v in settings.items() if k.startswith("env:")})
         params = {k: str(v) for k, v in ENGINE_SETTINGS.items()} | {"device": device, "dtype": dtype} | settings
         paths = {"base_model": str(assets.resolve() / "base"), "adapter_dir": str(assets.resolve() / "adapters")}
         self.engine = Engine(EngineConfig.from_parameters(params | paths, env={})).start()
