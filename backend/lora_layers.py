@@ -31,16 +31,16 @@ class LoRAContext:
     layers: dict[str, "LoRALinear"] = field(default_factory=dict)
     groups: list["LoRAGroup"] = field(default_factory=list)
 
-    def segments(self, layer: "LoRALinear", x: torch.Tensor) -> lora_ops.Rows | None:
-        """The step's segments for the tokens in x; raises where x is not what the step says."""
+    def rows(self, layer: "LoRALinear", x: torch.Tensor) -> lora_ops.Rows | None:
+        """The step's LoRA rows for the tokens in x; raises where x is not what the step says."""
         step = self.step
         if step is None:
             raise RuntimeError(f"LoRA layer {layer.name} called outside an engine step")
         n = x.numel() // layer.d_in
-        expected, segments = (step.num_last, step.last) if layer.is_output else (step.num_tokens, step.tokens)
+        expected, rows = (step.num_last, step.last) if layer.is_output else (step.num_tokens, step.tokens)
         if n != expected:
             raise RuntimeError(f"LoRA layer {layer.name} got {n} tokens; the step has {expected} for it")
-        return segments
+        return rows
 
 
 class LoRALinear(nn.Module):
@@ -72,7 +72,7 @@ class LoRALinear(nn.Module):
         if self.group is not None:
             return self.group.output(self, x)
         y = self.base_layer(x)
-        batch = self.ctx.segments(self, x)
+        batch = self.ctx.rows(self, x)
         if batch is not None:
             self.ctx.ops.add(y.view(-1, self.d_out), x.reshape(-1, self.d_in), self.w, batch)
         return y
@@ -124,7 +124,7 @@ class LoRAGroup:
     def output(self, member: LoRALinear, x: torch.Tensor) -> torch.Tensor:
         if x is not self._x:
             y = self.linear(x)
-            batch = self.ctx.segments(member, x)
+            batch = self.ctx.rows(member, x)
             if batch is not None:
                 self.ctx.ops.add(y.view(-1, y.shape[-1]), x.reshape(-1, member.d_in), self.w, batch)
             self._x, self._y, self._served = x, y, 0

@@ -146,7 +146,7 @@ class LoRAOps:
             raise ValueError(f"lora_backend must be one of {BACKENDS}, got {backend!r}")
         on_gpu = torch.device(device).type == "cuda"
         self.backend = ("triton" if on_gpu else "torch") if backend == "auto" else backend
-        self.grouped = not on_gpu  # torch's _grouped_mm takes any dtype on a CPU only
+        self.batched = not on_gpu  # the batched path (torch._grouped_mm) is for a CPU; a GPU has the kernels
         if self.backend == "triton":
             if not on_gpu:
                 # No GPU: the same kernels, run by Triton's interpreter (decided when they are imported).
@@ -160,7 +160,7 @@ class LoRAOps:
         """A step's metadata for the layers, built once per step; None when no row has an adapter."""
         if seg is None:
             return None
-        return Rows(seg, Layout.of(seg) if self.backend == "torch" and self.grouped else None)
+        return Rows(seg, Layout.of(seg) if self.backend == "torch" and self.batched else None)
 
     def add(self, y: torch.Tensor, x: torch.Tensor, w: SlotWeights, rows: Rows) -> None:
         """y [T, N] += LoRA(x [T, d_in]) for every slice of w, in place."""

@@ -24,16 +24,28 @@ class TritonPythonModel:
         for request in requests:
             sender = request.get_response_sender()
             try:
-                values = io.inputs(request)
-                req = parse_request(values, self.engine.limits)
-                whole_chars = req.stream and io.scalar(values, "stream_whole_chars", False)
-                respond = Responder(sender, req, self.codec if whole_chars else None, self.outbox, self.cancels)
-                respond.outputs = set(request.requested_output_names())
-                self.engine.submit(req, respond)
+                self.submit(request, sender)
             except RequestError as e:
-                self.cancels.forget(id(sender))
                 sender.send(io.error_response(e), flags=io.FINAL)
         return None
+
+    def submit(self, request, sender) -> None:
+        values = io.inputs(request)
+        req = parse_request(values, self.engine.limits)
+        whole_chars = req.stream and io.scalar(values, "stream_whole_chars", False)
+        respond = Responder(
+            sender,
+            req,
+            outputs=set(request.requested_output_names()),
+            codec=self.codec if whole_chars else None,
+            outbox=self.outbox,
+            cancels=self.cancels,
+        )
+        try:
+            self.engine.submit(req, respond)
+        except RequestError:
+            self.cancels.forget(req.id)
+            raise
 
     def finalize(self):
         self.engine.shutdown()
@@ -46,12 +58,12 @@ class Responder:
     response each as they come, or together when sends fall behind; with stream_whole_chars (the
     ensemble's text streams) in groups that decode to whole characters."""
 
-    def __init__(self, sender, req: GenerationRequest, codec, outbox: io.Outbox, cancels: io.CancelWatch):
-        self.sender = sender
+    def __init__(self, sender, req: GenerationRequest, *, outputs, codec, outbox: io.Outbox, cancels: io.CancelWatch):
+        self.sender, self.id, self.outputs = sender, req.id, outputs
         self.prefix = req.input_ids if req.echo_prompt else []
         self.chunker = StreamChunker(codec) if codec else None
         self.outbox, self.cancels = outbox, cancels
-        req.is_cancelled = cancels.watch(id(sender), sender)
+        req.is_cancelled = cancels.watch(req.id, sender)
 
     def __call__(self, out: Output) -> None:
         self.outbox.put(self, out)
@@ -60,7 +72,7 @@ class Responder:
         """Outputs handed over since the last send, as one response."""
         out = outs[-1]
         if out.error is not None or out.finish_reason:
-            self.cancels.forget(id(self.sender))
+            self.cancels.forget(self.id)  # before the final response: Triton then frees the sender
         if out.error is not None:
             self.sender.send(io.error_response(out.error), flags=io.FINAL)
             return
