@@ -138,13 +138,14 @@ def targets(rows: list[dict], loads: list[Workload]) -> list[tuple[str, float, f
         r = by.get((s, w))
         return r[key] if r else float("nan")
 
-    return [
-        (f"server {distinct} vs PEFT {distinct}", get("server", distinct, "x_peft"), 2.0),
-        ("engine base only vs PEFT base only", get("engine", base, "x_peft"), 1.2),
-        (f"engine {distinct} vs engine base only", get("engine", distinct, "x_base"), 0.6),
-        ("server base only vs engine base only", get("server", base) / get("engine", base), 0.8),
-        (f"engine {zipf} vs engine base only", get("engine", zipf, "x_base"), 0.5),
+    wanted = [
+        (distinct, f"server {distinct} vs PEFT {distinct}", get("server", distinct, "x_peft"), 2.0),
+        (base, "engine base only vs PEFT base only", get("engine", base, "x_peft"), 1.2),
+        (distinct, f"engine {distinct} vs engine base only", get("engine", distinct, "x_base"), 0.6),
+        (base, "server base only vs engine base only", get("server", base) / get("engine", base), 0.8),
+        (zipf, f"engine {zipf} vs engine base only", get("engine", zipf, "x_base"), 0.5),
     ]
+    return [(what, got, goal) for workload, what, got, goal in wanted if workload]
 
 
 def machine(device: str) -> str:
