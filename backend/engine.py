@@ -225,8 +225,7 @@ class Engine:
             self._emit(seq, Output([token], [logprob]))
 
     def _finish(self, seq: Sequence, reason: str | None = None, error: RequestError | None = None) -> None:
-        self.metrics.tokens(seq.req.lora_name, len(seq.out_ids))
-        self.metrics.flush()  # a client that has its answer sees it counted
+        self.metrics.tokens(seq.req.lora_name, len(seq.out_ids))  # published by whoever sends the answer
         if seq in self.running:
             self.running.remove(seq)
             self.free_rows.append(seq.row)

@@ -77,6 +77,7 @@ class TritonMetrics(Metrics):
         self.series = {}
         self.published: dict[tuple[str, str], float] = {}
         self.lock = threading.Lock()  # requests are counted on Triton's thread, the rest on the engine's
+        self.publishing = threading.Lock()  # one flush at a time; counting does not wait for it
 
     def inc(self, name: str, adapter: str = "", value: float = 1.0) -> None:
         with self.lock:
@@ -87,10 +88,11 @@ class TritonMetrics(Metrics):
             super().set_max(name, value)
 
     def flush(self) -> None:
-        with self.lock:
-            changed = [(key, value, self.published.get(key, 0.0)) for key, value in self.values.items()]
-            changed = [c for c in changed if c[1] != c[2]]
-            self.published.update((key, value) for key, value, _ in changed)
+        with self.publishing:
+            with self.lock:
+                changed = [(key, value, self.published.get(key, 0.0)) for key, value in self.values.items()]
+                changed = [c for c in changed if c[1] != c[2]]
+                self.published.update((key, value) for key, value, _ in changed)
             for (name, adapter), value, before in changed:
                 metric = self._metric(name, adapter)
                 if name in GAUGES:

@@ -40,6 +40,7 @@ class TritonPythonModel:
             codec=self.codec if whole_chars else None,
             outbox=self.outbox,
             cancels=self.cancels,
+            metrics=self.engine.metrics,
         )
         try:
             self.engine.submit(req, respond)
@@ -58,11 +59,11 @@ class Responder:
     response each as they come, or together when sends fall behind; with stream_whole_chars (the
     ensemble's text streams) in groups that decode to whole characters."""
 
-    def __init__(self, sender, req: GenerationRequest, *, outputs, codec, outbox: io.Outbox, cancels: io.CancelWatch):
+    def __init__(self, sender, req: GenerationRequest, *, outputs, codec, outbox, cancels, metrics):
         self.sender, self.id, self.outputs = sender, req.id, outputs
         self.prefix = req.input_ids if req.echo_prompt else []
         self.chunker = StreamChunker(codec) if codec else None
-        self.outbox, self.cancels = outbox, cancels
+        self.outbox, self.cancels, self.metrics = outbox, cancels, metrics
         req.is_cancelled = cancels.watch(req.id, sender)
 
     def __call__(self, out: Output) -> None:
@@ -73,6 +74,7 @@ class Responder:
         out = outs[-1]
         if out.error is not None or out.finish_reason:
             self.cancels.forget(self.id)  # before the final response: Triton then frees the sender
+            self.metrics.flush()  # a client that has its answer sees it counted
         if out.error is not None:
             self.sender.send(io.error_response(out.error), flags=io.FINAL)
             return
