@@ -78,25 +78,9 @@ class Outbox:
             for entry in batch:
                 if entry is not None:
                     grouped.setdefault(entry[0], []).append(entry[1])
-            import time
-
-            self.stats = getattr(self, "stats", [0, 0, 0.0, 0])
-            self.stats[3] += 1
             for responder, items in grouped.items():
                 try:
-                    t = time.perf_counter()
                     responder.send(items)
-                    self.stats[0] += 1
-                    self.stats[1] += len(items)
-                    self.stats[2] += time.perf_counter() - t
-                    if self.stats[0] % 1000 == 0:
-                        log.warning(
-                            "outbox: %d sends of %d outputs in %d batches, %.3f ms per send",
-                            self.stats[0],
-                            self.stats[1],
-                            self.stats[3],
-                            self.stats[2] / self.stats[0] * 1e3,
-                        )
                 except Exception:  # one response that cannot be sent must not stop the others
                     log.exception("sending a response failed")
             if None in batch:
