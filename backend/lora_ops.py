@@ -93,8 +93,8 @@ class Layout:
     gather: torch.Tensor | None  # [num] long: the slots, when copied rather than viewed
     width: int  # 0: grouped
     pad_pos: torch.Tensor | None  # [n] long
-    offsets: torch.Tensor | None  # [num] int32: end of each slot's rows
-    row_slots: torch.Tensor  # [n] long: the position of each row's slot among the num
+    offsets: torch.Tensor | None  # [num] int32: end of each slot's rows (grouped)
+    row_slots: torch.Tensor | None  # [n] long: the position of each row's slot among the num (grouped)
 
     @classmethod
     def of(cls, seg: Segments) -> "Layout":
@@ -104,15 +104,16 @@ class Layout:
         num, width, n = max(position.values()) + 1, seg.max_len, seg.sorted_tokens.shape[0]
         device = seg.token_slots.device
         gather = None if num == span else torch.tensor(used, device=device)
-        row_slots = torch.tensor([position[s] for s, _, k in seg.host for _ in range(k)], device=device)
         if num * width <= max(4 * n, 256):  # padding costs less than a grouped matmul's per-slot overhead
+            if num * width == n:  # every slot has exactly `width` rows: they are in place
+                return cls(lo, num, gather, width, None, None, None)
             pos = [position[s] * width + i for s, _, k in seg.host for i in range(k)]
-            pad_pos = None if num * width == n else torch.tensor(pos, device=device)
-            return cls(lo, num, gather, width, pad_pos, None, row_slots)
+            return cls(lo, num, gather, width, torch.tensor(pos, device=device), None, None)
         counts = [0] * num
         for s, _, k in seg.host:
             counts[position[s]] = k
         offsets = torch.tensor(list(itertools.accumulate(counts)), dtype=torch.int32, device=device)
+        row_slots = torch.tensor([position[s] for s, _, k in seg.host for _ in range(k)], device=device)
         return cls(lo, num, gather, 0, None, offsets, row_slots)
 
     def weights(self, w: "SlotWeights", sl: int, r: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
@@ -134,10 +135,6 @@ class Rows:
 
     seg: Segments
     layout: Layout | None  # the torch path's
-
-    @property
-    def num_tokens(self) -> int:
-        return self.seg.num_tokens
 
 
 class LoRAOps:
