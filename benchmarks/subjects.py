@@ -27,6 +27,13 @@ from benchmarks.workloads import Shape, Workload, adapter_names
 ENGINE_SETTINGS = {"max_loras": 32, "max_num_seqs": 32}
 
 
+def split_settings(settings: dict[str, str]) -> tuple[dict[str, str], dict[str, str]]:
+    """--set values -> (engine settings over ENGINE_SETTINGS, environment variables)."""
+    params = {k: str(v) for k, v in ENGINE_SETTINGS.items()}
+    params |= {k: v for k, v in settings.items() if not k.startswith("env:")}
+    return params, {k.removeprefix("env:"): v for k, v in settings.items() if k.startswith("env:")}
+
+
 def request_record(index: int, adapter: str) -> dict:
     return {"index": index, "adapter": adapter, "t_submit": time.perf_counter(), "t_tokens": [], "output": []}
 
@@ -89,8 +96,8 @@ class InProcess:
         from backend.config import EngineConfig
         from backend.engine import Engine
 
-        os.environ.update({k.removeprefix("env:"): v for k, v in settings.items() if k.startswith("env:")})
-        params = {k: str(v) for k, v in ENGINE_SETTINGS.items()} | {"device": device, "dtype": dtype} | settings
+        params, env = split_settings({"device": device, "dtype": dtype} | settings)
+        os.environ.update(env)
         paths = {"base_model": str(assets.resolve() / "base"), "adapter_dir": str(assets.resolve() / "adapters")}
         self.engine = Engine(EngineConfig.from_parameters(params | paths, env={})).start()
 
@@ -147,12 +154,10 @@ class Server:
         from client.server import TritonServer, copy_repository
 
         self.tmp = tempfile.TemporaryDirectory(prefix="bench-server-")
-        params = {k: str(v) for k, v in ENGINE_SETTINGS.items()} | {"device": device, "dtype": dtype}
-        params |= {k: v for k, v in settings.items() if not k.startswith("env:")}
+        params, env = split_settings({"device": device, "dtype": dtype} | settings)
         repo = copy_repository(Path(self.tmp.name) / "repo", **params)
-        env = {ENV_BASE_MODEL: str(assets / "base"), ENV_ADAPTER_DIR: str(assets / "adapters")}
-        env |= {k.removeprefix("env:"): v for k, v in settings.items() if k.startswith("env:")}
-        log = Path(os.environ.get("BENCH_SERVER_LOG") or Path(self.tmp.name) / "tritonserver.log")
+        env = {ENV_BASE_MODEL: str(assets / "base"), ENV_ADAPTER_DIR: str(assets / "adapters")} | env
+        log = Path(self.tmp.name) / "tritonserver.log"
         self.server = TritonServer(repository=repo, env=env, models=["lora_llm"], log_path=log).start()
 
     def run(self, w: Workload, reqs: list[tuple[str, list[int]]]) -> list[dict]:
@@ -170,8 +175,9 @@ class Server:
         records: list[dict] = []
 
         async def one(i: int, name: str, ids: list[int]) -> None:
-            inputs = make_inputs(aio, input_ids=ids, lora_name=name or None, max_tokens=w.new_tokens, end_id=-1)
-            inputs += make_inputs(aio, stream=True)
+            inputs = make_inputs(
+                aio, input_ids=ids, lora_name=name or None, max_tokens=w.new_tokens, end_id=-1, stream=True
+            )
 
             async def request():  # the ids are all this client reads
                 yield {"model_name": "lora_llm", "inputs": inputs, "outputs": [aio.InferRequestedOutput("output_ids")]}

@@ -15,6 +15,7 @@ from peft.tuners.lora import LoraLayer
 from transformers import AutoModelForCausalLM
 
 from backend.demo import build_model
+from client.perf_data import choose
 
 
 @dataclass(frozen=True)
@@ -51,7 +52,7 @@ class Workload:
     name: str
     num_requests: int
     concurrency: int  # requests in flight at once (closed loop); PEFT runs batches of this size
-    adapters: str  # "base", "one", "distinct", "zipf"
+    adapters: str  # "base", "one", "distinct", "zipf" (the 80/20 popularity of client.perf_data)
     distinct: int = 0  # for "distinct": adapters cycled over the requests
     prompt_len: int = 32
     new_tokens: int = 32
@@ -60,19 +61,17 @@ class Workload:
         """(adapter name or "", prompt ids) per request; the same for every system and round."""
         rng = random.Random(seed)
         names = adapter_names(shape)
-        prompts = [[1] + [rng.randrange(4, shape.vocab_size) for _ in range(self.prompt_len - 1)]]
-        prompts += [[1] + [rng.randrange(4, shape.vocab_size) for _ in range(self.prompt_len - 1)]
-                    for _ in range(self.num_requests - 1)]  # fmt: skip
-        if self.adapters == "base":
-            chosen = [""] * self.num_requests
-        elif self.adapters == "one":
-            chosen = [names[0]] * self.num_requests
-        elif self.adapters == "distinct":
-            chosen = [names[i % self.distinct] for i in range(self.num_requests)]
-        else:  # 80/20: 80% of the requests go to the most popular 20% of the adapters
-            hot = names[: max(1, len(names) // 5)]
-            chosen = [rng.choice(hot) if rng.random() < 0.8 else rng.choice(names) for _ in range(self.num_requests)]
-        return list(zip(chosen, prompts))
+        prompts = [
+            [1] + [rng.randrange(4, shape.vocab_size) for _ in range(self.prompt_len - 1)]
+            for _ in range(self.num_requests)
+        ]
+        pool, popularity = {
+            "base": ([""], "round-robin"),
+            "one": (names[:1], "round-robin"),
+            "distinct": (names[: self.distinct], "round-robin"),
+            "zipf": (names, "80/20"),
+        }[self.adapters]
+        return list(zip(choose(pool, popularity, self.num_requests, rng), prompts))
 
 
 def workloads(quick: bool = False) -> list[Workload]:
