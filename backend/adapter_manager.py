@@ -42,6 +42,10 @@ class AdapterManager:
     def release(self, slot: int) -> None:
         self.refs[slot] -= 1
 
+    @property
+    def slots_in_use(self) -> int:
+        return sum(r > 0 for r in self.refs)
+
     def _host_copy(self, name: str) -> Adapter:
         if name not in self.host:
             start = time.perf_counter()

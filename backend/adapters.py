@@ -3,11 +3,11 @@
 import json
 import math
 import re
+import struct
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file
 
 from backend.errors import RequestError, invalid, not_found
 
@@ -27,6 +27,32 @@ UNSUPPORTED = {
     "target_parameters": "target_parameters",
     "use_qalora": "QALoRA (use_qalora)",
 }
+
+
+SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16}
+
+
+def parse_safetensors(data: bytearray) -> dict[str, torch.Tensor]:
+    """A safetensors file read into memory -> its tensors, as views of `data` (no second copy)."""
+    (size,) = struct.unpack("<Q", data[:8])
+    if size > len(data) - 8:
+        raise ValueError("the header is longer than the file")
+    header = json.loads(data[8 : 8 + size])
+    start = 8 + size
+    tensors = {}
+    for key, info in header.items():
+        if key == "__metadata__":
+            continue
+        dtype = SAFETENSORS_DTYPES.get(info["dtype"])
+        if dtype is None:
+            raise ValueError(f"tensor {key!r} has dtype {info['dtype']}, not a float type")
+        begin, end = info["data_offsets"]
+        count = math.prod(info["shape"])
+        if not 0 <= begin <= end <= len(data) - start or end - begin != count * dtype.itemsize:
+            raise ValueError(f"tensor {key!r}: offsets {begin}..{end} do not fit its shape or the file")
+        flat = torch.frombuffer(data, dtype=dtype, count=count, offset=start + begin) if count else torch.empty(0)
+        tensors[key] = flat.reshape(info["shape"])
+    return tensors
 
 
 @dataclass(frozen=True)
@@ -84,13 +110,22 @@ class AdapterStore:
     model's LoRA-capable layers (`shapes`: module name -> (d_in, d_out))."""
 
     def __init__(
-        self, root: Path, shapes: dict[str, tuple[int, int]], base_modules: list[str], max_rank: int, dtype: torch.dtype
+        self,
+        root: Path,
+        shapes: dict[str, tuple[int, int]],
+        base_modules: list[str],
+        max_rank: int,
+        dtype: torch.dtype,
+        allow_symlinks: bool = False,
     ):
         self.root = Path(root)
         self.shapes = shapes
         self.base_modules = base_modules
         self.max_rank = max_rank
         self.dtype = dtype
+        self.allow_symlinks = allow_symlinks
+        # the largest file a valid adapter can be: every layer at the highest rank in fp32, and its header
+        self.max_file_bytes = sum(d_in + d_out for d_in, d_out in shapes.values()) * max_rank * 4 + 2**20
 
     def folder(self, name: str) -> Path:
         check_name(name)
@@ -105,8 +140,8 @@ class AdapterStore:
             pickled = " (a pickle .bin is refused: loading it can run code)" if any(folder.glob("*.bin")) else ""
             raise invalid(f"LoRA adapter '{name}': no {WEIGHTS_FILE}{pickled}")
         try:
-            cfg = json.loads((folder / CONFIG_FILE).read_text())
-            tensors = load_file(folder / WEIGHTS_FILE)
+            cfg = json.loads(self._read(name, folder / CONFIG_FILE, 2**20))
+            tensors = parse_safetensors(self._read(name, folder / WEIGHTS_FILE, self.max_file_bytes))
             if not isinstance(cfg, dict):
                 raise ValueError(f"{CONFIG_FILE} is not a JSON object")
             return Adapter(name, self._modules(name, cfg, tensors))
@@ -114,6 +149,23 @@ class AdapterStore:
             raise
         except Exception as e:  # any malformed file: this adapter's requests fail, nothing else
             raise invalid(f"LoRA adapter '{name}': cannot read: {e}") from e
+
+    def _read(self, name: str, path: Path, max_bytes: int) -> bytearray:
+        """The file's bytes, read whole: what is served never maps a file that can change under it.
+        Refused: a symlink that leads out of the adapter's folder, a file above `max_bytes`, a file
+        that changed while it was read."""
+        if not self.allow_symlinks and not path.resolve().is_relative_to(self.root.resolve() / name):
+            raise invalid(f"LoRA adapter '{name}': {path.name} is a link out of the adapter's folder (refused)")
+        before = path.stat()
+        if before.st_size > max_bytes:
+            raise invalid(f"LoRA adapter '{name}': {path.name} is {before.st_size} bytes, above {max_bytes}")
+        data = bytearray(before.st_size)
+        with open(path, "rb") as f:
+            got = f.readinto(data)
+        after = path.stat()
+        if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns) or got != after.st_size:
+            raise invalid(f"LoRA adapter '{name}': {path.name} changed while it was read; try again")
+        return data
 
     def _modules(self, name: str, cfg: dict, tensors: dict[str, torch.Tensor]) -> dict[str, ModuleLoRA]:
         def fail(msg: str) -> RequestError:
@@ -133,6 +185,8 @@ class AdapterStore:
             pairs.setdefault(m["module"], {})[m["part"]] = tensor
 
         targets = select_targets(cfg.get("target_modules"), self.base_modules, set(self.shapes))
+        if cfg.get("target_modules") is not None and not targets:
+            raise fail(f"target_modules {cfg['target_modules']!r} matches no layer of the base model")
         modules = {}
         for module, ab in sorted(pairs.items()):
             if module not in self.shapes:
@@ -150,6 +204,9 @@ class AdapterStore:
                 )
             if rank > self.max_rank:
                 raise fail(f"rank {rank} at '{module}' is above the configured max_lora_rank {self.max_rank}")
+            declared = pattern_value(cfg.get("rank_pattern") or {}, module, cfg.get("r", 8))
+            if declared != rank:
+                raise fail(f"adapter_config.json gives '{module}' rank {declared}, its tensors have rank {rank}")
             if targets and module not in targets:
                 raise fail(f"weights for '{module}', which target_modules does not select")
             modules[module] = ModuleLoRA(

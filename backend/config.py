@@ -26,6 +26,9 @@ class EngineConfig:
     num_threads: int = 0  # torch (OpenMP) threads of the engine; 0 = the cores this process may use
     max_model_len: int = 0  # context length; 0 = the model's
     max_prefill_tokens: int = 2048  # prompt tokens admitted per step
+    max_queued_requests: int = 256  # requests waiting for a KV row; past it a request gets UNAVAILABLE
+    shutdown_grace_seconds: float = 5.0  # at server shutdown, requests still running then get UNAVAILABLE
+    allow_adapter_symlinks: bool = False  # follow symlinks that lead out of an adapter's folder
     default_max_tokens: int = 64
     max_tokens_limit: int = 1024
 
@@ -37,7 +40,7 @@ class EngineConfig:
         for f in dataclasses.fields(cls):
             raw = params.get(f.name, "").strip()
             if raw:
-                values[f.name] = (root / raw) if f.type is Path else f.type(raw)
+                values[f.name] = parse_value(f.type, raw, root)
         for name, var in (("base_model", ENV_BASE_MODEL), ("adapter_dir", ENV_ADAPTER_DIR)):
             if env.get(var):
                 values[name] = Path(env[var])
@@ -49,3 +52,13 @@ class EngineConfig:
         if t == "all-linear" or any(c in t for c in "*+?[](){}|\\^$"):
             return t
         return [s.strip() for s in t.split(",") if s.strip()]
+
+
+def parse_value(kind: type, raw: str, root: Path):
+    if kind is Path:
+        return root / raw
+    if kind is bool:
+        if raw.lower() not in ("true", "false", "1", "0"):
+            raise ValueError(f"expected true or false, got {raw!r}")
+        return raw.lower() in ("true", "1")
+    return kind(raw)

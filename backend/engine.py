@@ -10,6 +10,7 @@ import logging
 import os
 import queue
 import threading
+import time
 from collections import deque
 from collections.abc import Callable
 from dataclasses import dataclass, field
@@ -19,7 +20,7 @@ import torch
 from backend.adapter_manager import AdapterManager
 from backend.adapters import AdapterStore
 from backend.config import EngineConfig
-from backend.errors import RequestError, cancelled, internal, invalid, unavailable
+from backend.errors import RequestError, cancelled, deadline_exceeded, internal, invalid, unavailable
 from backend.metrics import Metrics
 from backend.model_runner import ModelRunner
 from backend.request import GenerationRequest, Limits
@@ -60,6 +61,8 @@ class Engine:
         self.running: list[Sequence] = []
         self.free_rows = list(range(cfg.max_num_seqs - 1, -1, -1))
         self.stopping = threading.Event()
+        self.stopped = False  # the engine thread has ended: nothing would answer
+        self.drain_by: float | None = None  # at shutdown: requests still running then end with UNAVAILABLE
         self.lock = threading.Lock()  # submit vs. the loop's decision to stop
         self._go = threading.Event()
         loaded: queue.Queue[BaseException | None] = queue.Queue()
@@ -87,7 +90,12 @@ class Engine:
             lora_backend=cfg.lora_backend,
         )
         store = AdapterStore(
-            cfg.adapter_dir, self.runner.shapes, self.runner.module_names, cfg.max_lora_rank, self.runner.model.dtype
+            cfg.adapter_dir,
+            self.runner.shapes,
+            self.runner.module_names,
+            cfg.max_lora_rank,
+            self.runner.model.dtype,
+            cfg.allow_adapter_symlinks,
         )
         self.adapters = AdapterManager(store, self.runner.lora, cfg.max_loras, self.metrics)
         eos = self.runner.model.generation_config.eos_token_id
@@ -108,7 +116,18 @@ class Engine:
             return
         loaded.put(None)
         self._go.wait()
-        self._loop()
+        try:
+            self._loop()
+        except BaseException:
+            log.exception("the engine thread died")
+            raise
+        finally:
+            with self.lock:
+                self.stopped = True
+            while not self.inbox.empty():
+                self.waiting.append(self.inbox.get_nowait())
+            for seq in [*self.running, *self.waiting]:  # none after a normal stop
+                self._emit(seq, Output([], [], error=unavailable("the engine is not running (see the server log)")))
 
     def start(self) -> "Engine":
         self._go.set()
@@ -117,6 +136,11 @@ class Engine:
     @property
     def started(self) -> bool:
         return self._go.is_set()
+
+    @property
+    def serving(self) -> bool:
+        """False once the engine thread has stopped (died, or drained at shutdown)."""
+        return not self.stopped
 
     def submit(self, req: GenerationRequest, emit: Callable[[Output], None]) -> None:
         """Queues a request; `emit` is called from the engine thread. Raises RequestError (INVALID_ARG,
@@ -128,8 +152,19 @@ class Engine:
         with self.lock:
             if self.stopping.is_set():
                 raise unavailable()
+            if self.stopped:
+                raise unavailable("the engine is not running (see the server log)")
+            queued = self.inbox.qsize() + len(self.waiting)
+            if queued >= self.cfg.max_queued_requests:
+                raise unavailable(f"the engine queue is full ({queued} requests wait; max_queued_requests)")
             self.metrics.request(req.lora_name)
             self.inbox.put(Sequence(req, emit, list(req.input_ids)))
+
+    def begin_shutdown(self, grace: float) -> None:
+        """Stops taking requests; those still in flight after `grace` seconds end with UNAVAILABLE."""
+        with self.lock:
+            self.stopping.set()
+            self.drain_by = time.monotonic() + grace
 
     def shutdown(self, timeout: float = 60.0) -> None:
         """Stops taking requests and finishes those in flight (up to `timeout` seconds)."""
@@ -141,36 +176,48 @@ class Engine:
             log.warning("engine did not drain within %.0f s", timeout)
 
     def _loop(self) -> None:
-        while True:
-            if not (self.running or self.waiting):
-                self.metrics.flush()
-                try:
-                    self.waiting.append(self.inbox.get(timeout=0.05))
-                except queue.Empty:
-                    with self.lock:
-                        if self.stopping.is_set() and self.inbox.empty():
-                            return
-                    continue
+        while not self._idle_until_work():
             try:
                 self.step()
+                self.metrics.occupancy(len(self.running), self.adapters.slots_in_use, len(self.waiting))
             except Exception as e:  # a bug must not leave requests waiting forever
                 log.exception("engine step failed")
                 for seq in [*self.running, *self.waiting]:
                     self._finish(seq, error=internal(f"engine step failed: {e}"))
 
+    def _idle_until_work(self) -> bool:
+        """Waits while there is nothing to do; True once the engine should stop."""
+        while not (self.running or self.waiting):
+            try:
+                self.metrics.flush()
+            except Exception:  # metrics must not stop the serving
+                log.exception("publishing metrics failed")
+            try:
+                self.waiting.append(self.inbox.get(timeout=0.05))
+            except queue.Empty:
+                with self.lock:
+                    if self.stopping.is_set() and self.inbox.empty():
+                        return True
+        return False
+
     def step(self) -> None:
         while not self.inbox.empty():
             self.waiting.append(self.inbox.get_nowait())
-        for seq in [s for s in (*self.running, *self.waiting) if s.req.is_cancelled()]:
-            self._finish(seq, error=cancelled())
+        now = time.monotonic()
+        for seq in [*self.running, *self.waiting]:
+            if seq.req.is_cancelled():
+                self._finish(seq, error=cancelled())
+            elif self.drain_by is not None and now > self.drain_by:
+                self._finish(seq, error=unavailable())
+            elif seq.req.deadline is not None and now > seq.req.deadline:
+                self._finish(seq, error=deadline_exceeded())
         self._admit()
         if not self.running:
             return
         fed = [s.tokens[s.cached :] for s in self.running]
-        seqs = [(s.row, toks, s.cached, s.slot) for s, toks in zip(self.running, fed)]
-        batch = self.runner.make_step(seqs)
         self.metrics.step({s.req.lora_name for s in self.running})
         try:
+            batch = self.runner.make_step([(s.row, toks, s.cached, s.slot) for s, toks in zip(self.running, fed)])
             logits = self.runner.forward(batch)
             tokens, logprobs = sample(
                 logits, [s.req.sampling for s in self.running], [s.generator for s in self.running]
@@ -182,7 +229,10 @@ class Engine:
             return
         for seq, toks, tok, lp in zip(list(self.running), fed, tokens, logprobs):
             seq.cached += len(toks)
-            self._append(seq, tok, lp)
+            if tok is None:  # this sequence's logits are not finite: it alone fails
+                self._finish(seq, error=internal("the model produced non-finite logits for this request"))
+            else:
+                self._append(seq, tok, lp)
 
     def _admit(self) -> None:
         budget = self.cfg.max_prefill_tokens  # the first prompt of a step is admitted whatever its length
@@ -192,21 +242,22 @@ class Engine:
                 return
             if blocked and seq.req.lora_name:
                 continue
+            # what can fail comes first: the sequence takes its row and slot only once nothing can
             try:
+                generator = make_generator(seq.req.sampling, self.device)
                 slot = self.adapters.acquire(seq.req.lora_name) if seq.req.lora_name else -1
             except RequestError as e:
                 self._finish(seq, error=e)
                 continue
             except Exception as e:
-                log.exception("loading adapter %r failed", seq.req.lora_name)
-                self._finish(seq, error=internal(f"loading adapter '{seq.req.lora_name}' failed: {e}"))
+                log.exception("admitting request %s failed", seq.req.id)
+                self._finish(seq, error=internal(f"admitting the request failed: {e}"))
                 continue
             if slot is None:
                 blocked = True  # every slot is busy with other adapters: wait for one to free up
                 continue
             self.waiting.remove(seq)
-            seq.slot, seq.row = slot, self.free_rows.pop()
-            seq.generator = make_generator(seq.req.sampling, self.device)
+            seq.slot, seq.row, seq.generator = slot, self.free_rows.pop(), generator
             self.running.append(seq)
             budget -= len(seq.tokens)
 

@@ -21,8 +21,12 @@ def not_found(adapter: str) -> RequestError:
     return RequestError("NOT_FOUND", f"LoRA adapter '{adapter}' not found")
 
 
-def unavailable() -> RequestError:
-    return RequestError("UNAVAILABLE", "the model is shutting down")
+def unavailable(message: str = "the model is shutting down") -> RequestError:
+    return RequestError("UNAVAILABLE", message)
+
+
+def deadline_exceeded() -> RequestError:
+    return unavailable("the request's timeout expired")
 
 
 def cancelled() -> RequestError:
@@ -35,7 +39,9 @@ def internal(message: str) -> RequestError:
 
 _CODES = [
     ("NOT_FOUND", r"LoRA adapter '.*' not found"),
-    ("UNAVAILABLE", unavailable().message),
+    ("UNAVAILABLE", r"the model is shutting down|the engine (is not running|queue is full).*"),
+    ("UNAVAILABLE", r"the request's timeout expired"),
+    ("UNAVAILABLE", r".*(Server is stopping|Stub process .* is not healthy|lora_llm's stub process died).*"),
     ("CANCELLED", cancelled().message),
     ("INTERNAL", r"(internal error|Failed to process the request).*"),
 ]

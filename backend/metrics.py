@@ -20,6 +20,9 @@ COUNTERS = {
 }
 GAUGES = {
     "lora_engine_max_adapters_per_step": "Most distinct adapters (the base counts as one) seen in one engine step",
+    "lora_engine_running_sequences": "Sequences in the running batch (KV-cache rows in use)",
+    "lora_engine_waiting_requests": "Requests queued for a KV-cache row or an adapter slot",
+    "lora_adapter_slots_in_use": "Adapter slots held by running sequences",
 }
 
 
@@ -32,6 +35,9 @@ class Metrics:
 
     def set_max(self, name: str, value: float) -> None:
         self.values[name, ""] = max(self.values[name, ""], value)
+
+    def gauge(self, name: str, value: float) -> None:
+        self.values[name, ""] = value
 
     def get(self, name: str, adapter: str = "") -> float:
         return self.values.get((name, adapter), 0.0)
@@ -50,6 +56,11 @@ class Metrics:
         if len(adapters) > 1:
             self.inc("lora_engine_mixed_steps_total")
         self.set_max("lora_engine_max_adapters_per_step", len(adapters))
+
+    def occupancy(self, running: int, slots: int, waiting: int) -> None:
+        self.gauge("lora_engine_running_sequences", running)
+        self.gauge("lora_adapter_slots_in_use", slots)
+        self.gauge("lora_engine_waiting_requests", waiting)
 
     def adapter_cache(self, adapter: str, hit: bool) -> None:
         self.inc("lora_cache_hits_total" if hit else "lora_cache_misses_total", adapter)
@@ -86,6 +97,10 @@ class TritonMetrics(Metrics):
     def set_max(self, name: str, value: float) -> None:
         with self.lock:
             super().set_max(name, value)
+
+    def gauge(self, name: str, value: float) -> None:
+        with self.lock:
+            super().gauge(name, value)
 
     def flush(self) -> None:
         with self.publishing:

@@ -13,6 +13,9 @@ from backend.errors import invalid
 _ids = itertools.count()
 
 
+MIN_TEMPERATURE = 1e-5  # a smaller positive temperature is raised to it: logits / t must stay finite
+
+
 @dataclass(frozen=True)
 class SamplingParams:
     temperature: float = 0.0  # 0 = greedy
@@ -44,6 +47,7 @@ class GenerationRequest:
     stream: bool = False
     echo_prompt: bool = False  # unary only: output_ids start with the prompt (exclude_input_in_output=false)
     is_cancelled: Callable[[], bool] = lambda: False
+    deadline: float | None = None  # time.monotonic() past which the request fails (Triton's request timeout)
     id: int = field(default_factory=lambda: next(_ids))
 
 
@@ -97,6 +101,8 @@ def parse_request(inputs: dict[str, np.ndarray], limits: Limits) -> GenerationRe
     top_k = _scalar(inputs, "top_k", int, 0)
     if not (math.isfinite(temperature) and temperature >= 0):
         raise invalid(f"temperature must be >= 0, got {temperature}")
+    if 0 < temperature < MIN_TEMPERATURE:
+        temperature = MIN_TEMPERATURE
     if not 0 < top_p <= 1:
         raise invalid(f"top_p must be in (0, 1], got {top_p}")
     if top_k < 0:

@@ -32,13 +32,15 @@ def filtered_logits(logits: torch.Tensor, params: SamplingParams) -> torch.Tenso
 
 def sample(
     logits: torch.Tensor, params: list[SamplingParams], generators: list[torch.Generator | None]
-) -> tuple[list[int], list[float]]:
-    """logits [B, V] fp32 -> (token, log-prob of that token under the model) per sequence."""
+) -> tuple[list[int | None], list[float]]:
+    """logits [B, V] fp32 -> (token, log-prob of that token under the model) per sequence; the token
+    is None where the sequence's logits are not all finite (no token can be drawn from them)."""
+    finite = torch.isfinite(logits).all(-1).tolist()
     logprobs = torch.log_softmax(logits, -1)
     tokens = torch.argmax(logits, -1)
     for i, (p, gen) in enumerate(zip(params, generators)):
-        if not p.greedy:
+        if finite[i] and not p.greedy:
             probs = torch.softmax(filtered_logits(logits[i], p), -1)
             tokens[i] = torch.multinomial(probs, 1, generator=gen)[0]
     chosen = logprobs.gather(1, tokens[:, None])[:, 0]
-    return tokens.tolist(), chosen.tolist()
+    return [t if ok else None for t, ok in zip(tokens.tolist(), finite)], chosen.tolist()

@@ -1,12 +1,23 @@
 """Tokenizer for the text models: `tokenizers` on tokenizer.json (no torch in those processes),
 transformers' AutoTokenizer only for a model that has no tokenizer.json."""
 
+import json
 import re
 from pathlib import Path
 
+from backend.errors import invalid
+
+
+def context_length(model_dir: Path, max_model_len: int = 0) -> int:
+    """The model's context in tokens (config.json), capped at max_model_len when that is set; 0 if unknown."""
+    path = Path(model_dir) / "config.json"
+    cfg = json.loads(path.read_text()) if path.is_file() else {}
+    length = cfg.get("max_position_embeddings") or cfg.get("n_positions") or 0
+    return min(length, max_model_len) if length and max_model_len else (length or max_model_len)
+
 
 class TextCodec:
-    def __init__(self, model_dir: Path):
+    def __init__(self, model_dir: Path, max_model_len: int = 0):
         path = Path(model_dir) / "tokenizer.json"
         if path.is_file():
             from tokenizers import Tokenizer
@@ -25,9 +36,25 @@ class TextCodec:
         self.anchor = plain[-1]
         self.anchor_text = self._decode([self.anchor])
         # SentencePiece byte-fallback tokens: a later one can turn an earlier one's text into U+FFFD
-        self.byte_tokens = {i for t, i in self.tokenizer.get_vocab().items() if re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", t)}
+        vocab = self.tokenizer.get_vocab()
+        self.byte_tokens = {i for t, i in vocab.items() if re.fullmatch(r"<0x[0-9A-Fa-f]{2}>", t)}
+        # No token stands for more text than its vocabulary entry's UTF-8 bytes (byte-level and
+        # SentencePiece entries spell each byte with one or more bytes): text longer than this
+        # cannot fit the context, whatever it tokenizes to.
+        longest = max(len(t.encode()) for t in vocab)
+        self.max_text_bytes = context_length(model_dir, max_model_len) * longest
 
     def encode(self, text: str) -> list[int]:
+        return self._encode(text)
+
+    def encode_prompt(self, text: str) -> list[int]:
+        """encode, refusing text too long for any prompt before the tokenizer spends time on it."""
+        if self.max_text_bytes and len(text) * 4 > self.max_text_bytes:  # 4 = most UTF-8 bytes per char
+            size = len(text.encode())
+            if size > self.max_text_bytes:
+                raise invalid(
+                    f"text_input of {size} bytes cannot fit the context (at most {self.max_text_bytes} bytes)"
+                )
         return self._encode(text)
 
     def decode(self, ids) -> str:

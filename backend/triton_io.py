@@ -1,15 +1,22 @@
 """Glue between Triton's Python backend objects and ours; imported only by the model.py files."""
 
+import contextlib
+import itertools
 import json
 import logging
+import os
 import queue
+import signal
+import tempfile
 import threading
+import time
+import urllib.request
 from collections.abc import Callable
 
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from backend.errors import RequestError
+from backend.errors import RequestError, internal, invalid
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 log = logging.getLogger("lora_engine")
@@ -38,16 +45,38 @@ def error_response(err: RequestError):
     return pb_utils.InferenceResponse(error=pb_utils.TritonError(err.message, code))
 
 
-def first(array: np.ndarray | None, default=None):
+def guarded(fn, *args):
+    """fn(*args), or the error response for what it raised: what one request causes is its own error."""
+    try:
+        return fn(*args)
+    except RequestError as e:
+        return error_response(e)
+    except Exception as e:
+        log.exception("a request failed")
+        return error_response(internal(f"{type(e).__name__}: {e}"))
+
+
+def deadline(request) -> float | None:
+    """The time.monotonic() at which the request's Triton timeout (microseconds; 0 = none) runs out."""
+    timeout_us = request.timeout()
+    return time.monotonic() + timeout_us / 1e6 if timeout_us else None
+
+
+def first(array: np.ndarray | None, default=None, name: str = "input"):
     """The single value of a [1] / [1, 1] tensor as a Python object (bytes decoded); default if absent."""
     if array is None or array.size == 0:
         return default
     item = array.reshape(-1)[0]
-    return item.decode("utf-8") if isinstance(item, bytes) else item.item() if hasattr(item, "item") else item
+    if isinstance(item, bytes):
+        try:
+            return item.decode("utf-8")
+        except UnicodeDecodeError as e:
+            raise invalid(f"{name} is not valid UTF-8") from e
+    return item.item() if hasattr(item, "item") else item
 
 
 def scalar(values: dict[str, np.ndarray], name: str, default=None):
-    return first(values.get(name), default)
+    return first(values.get(name), default, name)
 
 
 class Outbox:
@@ -87,27 +116,77 @@ class Outbox:
                 return
 
 
+class StopFiles:
+    """'Stop this request' flags between stub processes, as empty files in one folder per
+    tritonserver process (the stubs' parent). Triton 2.51 can neither cancel a BLS request nor tell a
+    running ensemble step that its client left: a front door that sees its own request cancelled
+    touches the key it gave lora_llm, and lora_llm's CancelWatch sees the file."""
+
+    PARAMETER = "lora_stop_key"  # the BLS request parameter that carries the key
+
+    def __init__(self, root: str | None = None):
+        self.dir = os.path.join(root or tempfile.gettempdir(), f"lora-stop-{os.getppid()}")
+        os.makedirs(self.dir, exist_ok=True)
+        self._keys = itertools.count()
+
+    def new_key(self) -> str:
+        return f"{os.getpid()}-{next(self._keys)}"
+
+    def stop(self, key: str) -> None:
+        open(os.path.join(self.dir, key), "w").close()
+
+    def stopped(self, key: str) -> bool:
+        return os.path.exists(os.path.join(self.dir, key))
+
+    def clear(self, key: str) -> None:
+        with contextlib.suppress(FileNotFoundError):
+            os.remove(os.path.join(self.dir, key))
+
+    def publish_pid(self, name: str) -> None:
+        with open(os.path.join(self.dir, f"{name}.pid"), "w") as f:
+            f.write(str(os.getpid()))
+
+    def process_alive(self, name: str) -> bool | None:
+        """Whether the process that published `name` runs (a zombie does not); None if none published."""
+        try:
+            with open(os.path.join(self.dir, f"{name}.pid")) as f:
+                pid = int(f.read())
+        except (FileNotFoundError, ValueError):
+            return None
+        try:
+            with open(f"/proc/{pid}/stat") as f:
+                return f.read().rsplit(")", 1)[1].split()[0] not in ("Z", "X")
+        except FileNotFoundError:
+            return False
+
+
+def stop_key(request) -> str | None:
+    """The stop key a front door put into its BLS request's parameters, if any."""
+    return json.loads(request.parameters() or "{}").get(StopFiles.PARAMETER)
+
+
 class CancelWatch:
     """Tells which requests their clients cancelled. Asking Triton is a round trip to the server
     process (about 0.4 ms): a thread of its own asks for every watched request every `period` seconds,
     and the engine reads a flag. A request must be forgotten before its final response is sent: Triton
-    frees what is_cancelled reads with it."""
+    frees what is_cancelled reads with it. `also` is checked beside Triton's flag (a stop file);
+    `on_cancel` is called once, on the watch thread, when a request is found cancelled."""
 
     def __init__(self, period: float = 0.1):
         self.period = period
-        self.watched: dict[int, _Watched] = {}
+        self.watched: dict[object, _Watched] = {}
         self.lock = threading.Lock()
         self.stop = threading.Event()
         self.thread = threading.Thread(target=self._run, name="lora-cancel-watch", daemon=True)
         self.thread.start()
 
-    def watch(self, key: int, sender) -> Callable[[], bool]:
-        entry = _Watched(sender)
+    def watch(self, key, sender, also: Callable[[], bool] | None = None, on_cancel=None) -> Callable[[], bool]:
+        entry = _Watched(sender, also, on_cancel)
         with self.lock:
             self.watched[key] = entry
         return entry.cancelled.is_set
 
-    def forget(self, key: int) -> None:
+    def forget(self, key) -> None:
         with self.lock:
             entry = self.watched.pop(key, None)
         if entry is not None:
@@ -124,12 +203,84 @@ class CancelWatch:
                 entries = list(self.watched.values())
             for entry in entries:
                 with entry.lock:
-                    if entry.sender is not None and entry.sender.is_cancelled():
+                    if entry.sender is None or entry.cancelled.is_set():
+                        continue
+                    try:
+                        cancelled = (entry.also is not None and entry.also()) or entry.sender.is_cancelled()
+                    except Exception:  # asking must not stop the watch
+                        log.exception("checking a request for cancellation failed")
+                        continue
+                    if cancelled:
                         entry.cancelled.set()
+                        if entry.on_cancel is not None:
+                            entry.on_cancel()
 
 
 class _Watched:
-    def __init__(self, sender):
+    def __init__(self, sender, also, on_cancel):
         self.sender = sender
+        self.also = also
+        self.on_cancel = on_cancel
         self.cancelled = threading.Event()
         self.lock = threading.Lock()
+
+
+def stop_server(reason: str) -> None:
+    """Asks tritonserver (the stub's parent) to shut down, so that its health says it cannot serve and
+    whatever supervises it restarts it: Triton 2.51 has no way for a model to report itself unready."""
+    log.error("%s: stopping tritonserver so that it can be restarted", reason)
+    os.kill(os.getppid(), signal.SIGTERM)
+
+
+class ServerWatch:
+    """Calls `on_stopping` once tritonserver has begun to shut down, and asks it to stop if `alive`
+    turns false. Triton 2.51 tells a Python model nothing until every request in flight has ended, and
+    asking it from a thread whether a model is ready can crash it: a thread asks the server's HTTP
+    health endpoint instead (`/v2/health/live` fails from the moment it stops), every `period` s."""
+
+    def __init__(self, on_stopping, alive, dead: str = "the engine thread stopped", period: float = 0.5):
+        self.on_stopping, self.alive, self.dead, self.period = on_stopping, alive, dead, period
+        self.url = health_url(os.getppid())
+        self.stop = threading.Event()
+        self.thread = threading.Thread(target=self._run, name="lora-server-watch", daemon=True)
+        self.thread.start()
+
+    def close(self) -> None:
+        self.stop.set()
+        self.thread.join()
+
+    def _run(self) -> None:
+        misses = 0
+        while not self.stop.wait(self.period):
+            if not self.alive():
+                stop_server(self.dead)
+                return
+            if self.url is None:
+                continue
+            try:
+                with urllib.request.urlopen(self.url, timeout=2) as r:
+                    live = r.status == 200
+            except OSError:
+                live = False
+            misses = 0 if live else misses + 1
+            if misses == 2:  # twice in a row: a stopping server never becomes live again
+                log.warning("the server is shutting down: requests in flight get a short grace period")
+                self.on_stopping()
+                return
+
+
+def health_url(server_pid: int) -> str | None:
+    """The liveness URL of the tritonserver with this pid, from its command line; None without HTTP."""
+    try:
+        with open(f"/proc/{server_pid}/cmdline", "rb") as f:
+            args = f.read().decode(errors="replace").split("\0")
+    except OSError:
+        return None
+    options = {}
+    for i, arg in enumerate(args):
+        if arg.startswith("--"):
+            name, _, value = arg[2:].partition("=")
+            options[name] = value if _ else (args[i + 1] if i + 1 < len(args) else "")
+    if options.get("allow-http", "true").lower() in ("false", "0"):
+        return None
+    return f"http://127.0.0.1:{options.get('http-port', '8000')}/v2/health/live"

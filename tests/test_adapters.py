@@ -202,11 +202,30 @@ def lora_a_only(assets, dst):
     edit_tensors(dst, lambda t: {k: v for k, v in t.items() if "v_proj.lora_B" not in k})
 
 
+def weights_linked_outside(assets, dst):
+    copy_adapter(assets, dst)
+    outside = dst.parent.parent / "elsewhere.safetensors"
+    (dst / WEIGHTS_FILE).rename(outside)
+    (dst / WEIGHTS_FILE).symlink_to(outside)
+
+
+def folder_linked_outside(assets, dst):
+    copy_adapter(assets, dst.parent.parent / "elsewhere")
+    dst.parent.mkdir(parents=True, exist_ok=True)
+    dst.symlink_to(dst.parent.parent / "elsewhere")
+
+
+def huge_weights(assets, dst):
+    copy_adapter(assets, dst)
+    with open(dst / WEIGHTS_FILE, "r+b") as f:
+        f.truncate(2**34)  # sparse: 16 GiB on paper, refused before a byte is read
+
+
 @pytest.mark.parametrize(
     "make, max_rank, message",
     [
         (renamed_module, 64, "missing in the base model"),
-        (other_arch, 64, "missing in the base model"),
+        (other_arch, 64, "matches no layer of the base model"),
         (other_hidden_size, 64, "shape mismatch"),
         (lambda a, d: copy_adapter(a, d, "mlp-r64"), 32, "max_lora_rank"),
         (lambda a, d: build_adapter(a / "base", d, r=4, target_modules=["q_proj"], use_dora=True), 64, "DoRA"),
@@ -220,6 +239,11 @@ def lora_a_only(assets, dst):
         (stray_key, 64, "unsupported tensor"),
         (lora_a_only, 64, "lacks lora_A or lora_B"),
         (lambda a, d: copy_adapter(a, d, target_modules=["q_proj"]), 64, "target_modules does not select"),
+        (lambda a, d: copy_adapter(a, d, r=100000), 64, "rank 100000, its tensors have rank 4"),
+        (lambda a, d: copy_adapter(a, d, target_modules=["nonexistent_proj"]), 64, "matches no layer"),
+        (weights_linked_outside, 64, "link out of the adapter's folder"),
+        (folder_linked_outside, 64, "link out of the adapter's folder"),
+        (huge_weights, 64, "bytes, above"),
     ],
     ids=[
         "renamed-module",
@@ -233,6 +257,11 @@ def lora_a_only(assets, dst):
         "stray-key",
         "lora_A-only",
         "untargeted-weights",
+        "config-rank-disagrees",
+        "targets-match-nothing",
+        "weights-symlink-escape",
+        "folder-symlink-escape",
+        "absurd-size",
     ],
 )
 def test_invalid_adapter(assets, tmp_path, make, max_rank, message):
@@ -263,3 +292,30 @@ def test_invalid_name(store, name):
 @pytest.mark.parametrize("name", ["a", "A.b_c-1", "qv-r4", "9", "a" * 128])
 def test_valid_name(name):
     check_name(name)
+
+
+def test_symlinks_allowed_by_setting(assets, tmp_path):
+    weights_linked_outside(assets, tmp_path / "adapters" / "linked")
+    store = make_store(assets / "base", tmp_path / "adapters")
+    store.allow_symlinks = True
+    assert store.load("linked").modules
+
+
+def test_host_copy_survives_the_file_changing(assets, tmp_path):
+    """The host copy owns its memory: overwriting or shrinking the file in place afterwards changes
+    nothing that was loaded (safetensors' load_file would map the file and follow it)."""
+    folder = copy_adapter(assets, tmp_path / "adapters" / "a")
+    store = make_store(assets / "base", tmp_path / "adapters")
+    loaded = store.load("a")
+    before = {k: (m.a.clone(), m.b.clone()) for k, m in loaded.modules.items()}
+    path = folder / WEIGHTS_FILE
+    size = path.stat().st_size
+    with open(path, "r+b") as f:  # in place: the same inode, as `cp` over it or a crashed writer does
+        f.write(b"\0" * size)
+    with open(path, "r+b") as f:
+        f.truncate(size // 3)
+    for k, m in loaded.modules.items():
+        assert torch.equal(m.a, before[k][0]) and torch.equal(m.b, before[k][1])
+    with pytest.raises(RequestError) as e:
+        store.load("a")
+    assert e.value.code == "INVALID_ARG" and "'a'" in e.value.message

@@ -642,3 +642,118 @@ def test_decode_step_launches_at_most_two_kernels_per_module(assets):
     assert len(launches) <= 2 * len(layers)
     num_layers = engine.runner.config.num_hidden_layers
     assert len(launches) == 8 * num_layers  # q/k/v, o, gate/up, down: 4 units of 2 launches per layer
+
+
+# -------------------------------------------------------------------------------------- 9. fault domains
+
+
+class Failing:
+    """Raises on its first `times` calls, then calls `real`."""
+
+    def __init__(self, real, times: int = 1):
+        self.real, self.left = real, times
+
+    def __call__(self, *args, **kw):
+        if self.left:
+            self.left -= 1
+            raise RuntimeError("injected failure")
+        return self.real(*args, **kw)
+
+
+class FlakyCollector(Collector):
+    """An emit whose first call raises (a response that cannot be sent)."""
+
+    def __init__(self):
+        super().__init__()
+        self.failed = False
+
+    def __call__(self, out: Output) -> None:
+        super().__call__(out)
+        if not self.failed:
+            self.failed = True
+            raise RuntimeError("injected send failure")
+
+
+@pytest.mark.parametrize("stage", ["admit", "forward", "sample", "emit"])
+def test_injected_failures_leave_no_leak(assets, peft_model, vocab, monkeypatch, stage):
+    """A failure at admission, in the forward, in sampling or in emitting fails at most the requests of
+    that step (INTERNAL); every request gets a final output, rows and slots all return to free, and
+    the requests after it are served as before."""
+    import backend.engine as engine_module
+
+    engine = make_engine(assets / "base", assets / "adapters", max_num_seqs=4)
+    if stage == "admit":
+        monkeypatch.setattr(engine_module, "make_generator", Failing(engine_module.make_generator))
+    elif stage == "forward":
+        monkeypatch.setattr(engine.runner, "forward", Failing(engine.runner.forward))
+    elif stage == "sample":
+        monkeypatch.setattr(engine_module, "sample", Failing(engine_module.sample))
+    p = prompts(vocab, [5, 7, 6, 4, 8, 5], seed=31)
+    names = ["qv-r4", "", "mlp-r64", "qv-r4", "all-r16-pattern", ""]
+    reqs = [request(ids, name, 5, stream=(i % 2 == 0)) for i, (ids, name) in enumerate(zip(p, names))]
+    outs = [FlakyCollector() if stage == "emit" and i == 0 else Collector() for i in range(len(reqs))]
+    for req, c in zip(reqs, outs):
+        engine.submit(req, c)
+    drive(engine, outs)
+    failed = [c for c in outs if c.final.error is not None]
+    assert all(c.final.error.code == "INTERNAL" for c in failed)
+    assert len(failed) == {"admit": 1, "forward": 4, "sample": 4, "emit": 0}[stage]
+    for req, c in zip(reqs, outs):
+        if c.final.error is None:
+            assert c.token_ids == peft_generate(peft_model, req.input_ids, req.lora_name, 5)
+    assert sorted(engine.free_rows) == [0, 1, 2, 3] and not engine.running and not engine.waiting
+    assert all(r == 0 for r in engine.adapters.refs)
+    (after,) = run_all(engine, [request(p[0], "qv-r4", 5)])
+    assert after.final.token_ids == peft_generate(peft_model, p[0], "qv-r4", 5)
+
+
+def test_non_finite_logits_fail_only_their_sequence(assets, peft_model, vocab, monkeypatch):
+    engine = make_engine(assets / "base", assets / "adapters")
+    forward = engine.runner.forward
+
+    def poisoned(batch):
+        logits = forward(batch).clone()
+        logits[1] = float("nan")  # the second running sequence
+        return logits
+
+    monkeypatch.setattr(engine.runner, "forward", poisoned)
+    p = prompts(vocab, [5, 6, 7], seed=37)
+    outs = submit_all(engine, [request(p[0], "qv-r4", 1), request(p[1], "", 1), request(p[2], "mlp-r64", 1)])
+    drive(engine, outs)
+    assert outs[1].final.error.code == "INTERNAL" and "non-finite" in outs[1].final.error.message
+    assert outs[0].final.token_ids == peft_generate(peft_model, p[0], "qv-r4", 1)
+    assert outs[2].final.token_ids == peft_generate(peft_model, p[2], "mlp-r64", 1)
+    assert sorted(engine.free_rows) == list(range(8)) and all(r == 0 for r in engine.adapters.refs)
+
+
+def test_bounded_queue_and_deadline(assets):
+    engine = make_engine(assets / "base", assets / "adapters", max_queued_requests=2)
+    outs = submit_all(engine, [request([1, 5, 6]), request([1, 7, 8], deadline=time.monotonic() - 1)])
+    with pytest.raises(RequestError) as e:
+        engine.submit(request([1, 9]), Collector())
+    assert e.value.code == "UNAVAILABLE" and "queue is full" in e.value.message
+    drive(engine, outs)
+    assert outs[0].final.error is None
+    assert outs[1].final.error.code == "UNAVAILABLE" and "timeout expired" in outs[1].final.error.message
+
+
+def test_a_dead_engine_thread_answers_and_refuses(assets, monkeypatch):
+    """If the engine thread dies, requests in flight get UNAVAILABLE and new ones are refused at once."""
+    engine = make_engine(assets / "base", assets / "adapters")
+    gate = threading.Event()
+
+    def die(*_):
+        gate.wait(WAIT_S)
+        raise SystemExit("injected")  # not an Exception: escapes the step's error handling
+
+    monkeypatch.setattr(engine, "step", die)
+    c = Collector()
+    engine.submit(request([1, 5, 6]), c)
+    engine.start()
+    gate.set()
+    assert c.done.wait(WAIT_S) and c.final.error.code == "UNAVAILABLE"
+    engine.thread.join(WAIT_S)
+    assert not engine.serving
+    with pytest.raises(RequestError) as e:
+        engine.submit(request([1, 5, 6]), Collector())
+    assert e.value.code == "UNAVAILABLE"

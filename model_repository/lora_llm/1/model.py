@@ -6,7 +6,7 @@ import triton_python_backend_utils as pb_utils
 from backend import triton_io as io
 from backend.config import EngineConfig
 from backend.engine import Engine, Output
-from backend.errors import RequestError
+from backend.errors import internal
 from backend.metrics import TritonMetrics
 from backend.request import GenerationRequest, parse_request
 from backend.text import StreamChunker, TextCodec
@@ -17,21 +17,27 @@ class TritonPythonModel:
         cfg = EngineConfig.from_parameters(io.parameters(args))
         self.outbox = io.Outbox()
         self.cancels = io.CancelWatch()
+        self.stops = io.StopFiles()
         self.engine = Engine(cfg, TritonMetrics(pb_utils, args["model_name"])).start()
         self.codec = TextCodec(cfg.base_model)
+        self.stops.publish_pid("lora_llm")  # the front doors watch this process
+        self.watch = io.ServerWatch(
+            on_stopping=lambda: self.engine.begin_shutdown(cfg.shutdown_grace_seconds),
+            alive=lambda: self.engine.serving,
+        )
 
     def execute(self, requests):
         for request in requests:
             sender = request.get_response_sender()
-            try:
-                self.submit(request, sender)
-            except RequestError as e:
-                sender.send(io.error_response(e), flags=io.FINAL)
+            error = io.guarded(self.submit, request, sender)  # None once the engine has the request
+            if error is not None:
+                sender.send(error, flags=io.FINAL)
         return None
 
     def submit(self, request, sender) -> None:
         values = io.inputs(request)
         req = parse_request(values, self.engine.limits)
+        req.deadline = io.deadline(request)
         whole_chars = req.stream and io.scalar(values, "stream_whole_chars", False)
         respond = Responder(
             sender,
@@ -40,15 +46,22 @@ class TritonPythonModel:
             codec=self.codec if whole_chars else None,
             outbox=self.outbox,
             cancels=self.cancels,
+            stopped=self.stopped_check(request),
             metrics=self.engine.metrics,
         )
         try:
             self.engine.submit(req, respond)
-        except RequestError:
+        except BaseException:
             self.cancels.forget(req.id)
             raise
 
+    def stopped_check(self, request):
+        """For a front door's BLS request: whether the front door's own client has gone."""
+        key = io.stop_key(request)
+        return (lambda: self.stops.stopped(key)) if key else None
+
     def finalize(self):
+        self.watch.close()
         self.engine.shutdown()
         self.outbox.close()
         self.cancels.close()
@@ -59,20 +72,35 @@ class Responder:
     response each as they come, or together when sends fall behind; with stream_whole_chars (the
     ensemble's text streams) in groups that decode to whole characters."""
 
-    def __init__(self, sender, req: GenerationRequest, *, outputs, codec, outbox, cancels, metrics):
+    def __init__(self, sender, req: GenerationRequest, *, outputs, codec, outbox, cancels, stopped, metrics):
         self.sender, self.id, self.outputs = sender, req.id, outputs
         self.prefix = req.input_ids if req.echo_prompt else []
         self.chunker = StreamChunker(codec) if codec else None
         self.outbox, self.cancels, self.metrics = outbox, cancels, metrics
-        req.is_cancelled = cancels.watch(req.id, sender)
+        self.closed = False  # the final response went out, or a send failed and ended the request
+        watched = cancels.watch(req.id, sender, also=stopped)
+        req.is_cancelled = lambda: self.closed or watched()
 
     def __call__(self, out: Output) -> None:
         self.outbox.put(self, out)
 
     def send(self, outs: list[Output]) -> None:
-        """Outputs handed over since the last send, as one response."""
+        """Outputs handed over since the last send, as one response. A send that fails ends the
+        request: the engine sees it as cancelled, and the client gets an error if it can still be sent."""
+        if self.closed:
+            return
+        try:
+            self._send(outs)
+        except Exception as e:
+            self.closed = True
+            self.cancels.forget(self.id)
+            self.sender.send(io.error_response(internal(f"sending a response failed: {e}")), flags=io.FINAL)
+            raise
+
+    def _send(self, outs: list[Output]) -> None:
         out = outs[-1]
         if out.error is not None or out.finish_reason:
+            self.closed = True
             self.cancels.forget(self.id)  # before the final response: Triton then frees the sender
             self.metrics.flush()  # a client that has its answer sees it counted
         if out.error is not None:

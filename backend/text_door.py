@@ -1,0 +1,102 @@
+"""The text front doors, `lora_text` (unary) and `ensemble` (streams): each request is tokenized,
+sent to lora_llm through BLS and detokenized on a worker thread of its own, so a short request never
+waits behind a long one. They hold no weights: one copy of the model lives in lora_llm.
+
+`ensemble` is a Python model, not Triton's ensemble platform: on Triton 2.51 a cancelled ensemble
+request never stops its running lora_llm step, and a stopping server refuses the postprocessing
+steps of the streams in flight, which then never end (core fixed the stuck requests in r26.02). A
+Python front door sees its own client go and stops lora_llm through a stop file (StopFiles)."""
+
+from concurrent.futures import ThreadPoolExecutor
+
+import numpy as np
+import triton_python_backend_utils as pb_utils
+
+from backend import triton_io as io
+from backend.config import EngineConfig
+from backend.errors import RequestError, code_of, invalid, unavailable
+from backend.text import TextCodec
+
+FORWARDED = ["lora_name", "max_tokens", "temperature", "top_p", "top_k", "seed", "end_id", "exclude_input_in_output"]
+MAX_WORKERS = 512  # requests answered at once; past it they queue here (the engine has its own bound)
+
+
+class TextDoor:
+    streams = False  # whether `stream=true` is served (a decoupled model)
+
+    def initialize(self, args):
+        cfg = EngineConfig.from_parameters(io.parameters(args))
+        self.codec = TextCodec(cfg.base_model, cfg.max_model_len)
+        self.stops = io.StopFiles()
+        self.cancels = io.CancelWatch()
+        self.pool = ThreadPoolExecutor(MAX_WORKERS, thread_name_prefix="lora-text")
+        self.engine_gone = False
+        self.watch = io.ServerWatch(lambda: None, alive=self.engine_alive, dead="lora_llm's stub process died")
+
+    def engine_alive(self) -> bool:
+        self.engine_gone = self.stops.process_alive("lora_llm") is False
+        return not self.engine_gone
+
+    def execute(self, requests):
+        for request in requests:
+            values = {k: v.copy() for k, v in io.inputs(request).items()}  # Triton frees the inputs on return
+            self.pool.submit(self.answer, request.get_response_sender(), values, request.timeout())
+        return None
+
+    def answer(self, sender, values: dict, timeout_us: int) -> None:
+        key = self.stops.new_key()
+        self.cancels.watch(key, sender, on_cancel=lambda: self.stops.stop(key))
+        try:
+            final = io.guarded(self.generate, sender, values, key, timeout_us)
+        finally:
+            self.cancels.forget(key)  # before the final response: Triton then frees the sender
+            self.stops.clear(key)
+        try:
+            sender.send(final, flags=io.FINAL)
+        except Exception:
+            io.log.exception("sending a response failed")
+
+    def generate(self, sender, values: dict, key: str, timeout_us: int):
+        """Sends the streamed responses and returns the final one."""
+        if self.engine_gone:
+            raise unavailable("lora_llm's stub process died: the server is stopping")
+        stream = bool(io.scalar(values, "stream", False))
+        if stream and not self.streams:
+            raise invalid("lora_text answers once; stream with the 'ensemble' model")
+        ids = self.codec.encode_prompt(io.scalar(values, "text_input", ""))
+        tensors = [io.tensor("input_ids", ids, np.int64)]
+        tensors += [pb_utils.Tensor(name, values[name]) for name in FORWARDED if name in values]
+        if stream:
+            tensors += [io.tensor(name, [True], np.bool_) for name in ("stream", "stream_whole_chars")]
+        call = pb_utils.InferenceRequest(
+            model_name="lora_llm",
+            inputs=tensors,
+            requested_output_names=["output_ids", "finish_reason"],
+            parameters={io.StopFiles.PARAMETER: key},
+            timeout=timeout_us,
+        )
+        pieces, finish = [], ""
+        for response in call.exec(decoupled=True):
+            if response.has_error():
+                message = response.error().message()
+                raise RequestError(code_of(message), message)
+            if not response.output_tensors():
+                continue
+            ids = pb_utils.get_output_tensor_by_name(response, "output_ids").as_numpy().reshape(-1).tolist()
+            finish = io.first(pb_utils.get_output_tensor_by_name(response, "finish_reason").as_numpy())
+            if stream and not finish:
+                sender.send(text_response(self.codec.decode(ids), ""))
+            else:
+                pieces.append(self.codec.decode(ids))
+        return text_response("".join(pieces), finish)
+
+    def finalize(self):
+        self.watch.close()
+        self.pool.shutdown(wait=True)
+        self.cancels.close()
+
+
+def text_response(text: str, finish: str):
+    return pb_utils.InferenceResponse(
+        [io.tensor("text_output", [text], np.object_), io.tensor("finish_reason", [finish], np.object_)]
+    )
