@@ -92,7 +92,7 @@ class TextDoor:
 
     def finalize(self):
         self.watch.close()
-        self.pool.shutdown(wait=True)
+        self.pool.shutdown(wait=False, cancel_futures=True)  # a worker stuck on a gone client must not hold the unload
         self.cancels.close()
 
 

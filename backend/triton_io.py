@@ -250,7 +250,7 @@ class ServerWatch:
         self.thread.join()
 
     def _run(self) -> None:
-        misses = 0
+        misses, seen_live = 0, False
         while not self.stop.wait(self.period):
             if not self.alive():
                 stop_server(self.dead)
@@ -262,7 +262,8 @@ class ServerWatch:
                     live = r.status == 200
             except OSError:
                 live = False
-            misses = 0 if live else misses + 1
+            seen_live = seen_live or live  # the endpoint starts only once every model has loaded
+            misses = 0 if live or not seen_live else misses + 1
             if misses == 2:  # twice in a row: a stopping server never becomes live again
                 log.warning("the server is shutting down: requests in flight get a short grace period")
                 self.on_stopping()

@@ -54,6 +54,9 @@ def main(argv=None) -> int:
     except InferenceServerException as e:
         print(f"error: {e.status()}: {e.message()}", file=sys.stderr)
         return 2
+    except OSError as e:  # no server there (HTTP); gRPC reports it as an InferenceServerException
+        print(f"error: cannot reach the server at {url}: {e.strerror or e}", file=sys.stderr)
+        return 2
     return 0
 
 
