@@ -42,7 +42,7 @@ def test_front_doors_do_not_copy_the_base(big_base, capsys):
     with TritonServer(env=env, models=["lora_llm"]) as server:
         client = httpclient.InferenceServerClient(server.http_url)
         rss = {"lora_llm": tree_rss(server.process.pid)}
-        for model in ["lora_text", "ensemble"]:  # the ensemble brings preprocessing and postprocessing
+        for model in ["lora_text", "ensemble"]:  # front doors: tokenizer only
             client.load_model(model)
             rss[model] = tree_rss(server.process.pid)
     with capsys.disabled():
