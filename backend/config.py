@@ -54,6 +54,13 @@ class EngineConfig:
         return [s.strip() for s in t.split(",") if s.strip()]
 
 
+def context_length(model_config: dict, max_model_len: int = 0) -> int:
+    """The model's context in tokens (a config.json's values), capped at max_model_len when that is
+    set; 0 if neither says."""
+    length = model_config.get("max_position_embeddings") or model_config.get("n_positions") or 0
+    return min(length, max_model_len) if length and max_model_len else (length or max_model_len)
+
+
 def parse_value(kind: type, raw: str, root: Path):
     if kind is Path:
         return root / raw

@@ -20,7 +20,15 @@ import torch
 from backend.adapter_manager import AdapterManager
 from backend.adapters import AdapterStore
 from backend.config import EngineConfig
-from backend.errors import RequestError, cancelled, deadline_exceeded, internal, invalid, unavailable
+from backend.errors import (
+    RequestError,
+    cancelled,
+    deadline_exceeded,
+    engine_stopped,
+    internal,
+    invalid,
+    unavailable,
+)
 from backend.metrics import Metrics
 from backend.model_runner import ModelRunner
 from backend.request import GenerationRequest, Limits
@@ -127,7 +135,7 @@ class Engine:
             while not self.inbox.empty():
                 self.waiting.append(self.inbox.get_nowait())
             for seq in [*self.running, *self.waiting]:  # none after a normal stop
-                self._emit(seq, Output([], [], error=unavailable("the engine is not running (see the server log)")))
+                self._emit(seq, Output([], [], error=engine_stopped()))
 
     def start(self) -> "Engine":
         self._go.set()
@@ -153,7 +161,7 @@ class Engine:
             if self.stopping.is_set():
                 raise unavailable()
             if self.stopped:
-                raise unavailable("the engine is not running (see the server log)")
+                raise engine_stopped()
             queued = self.inbox.qsize() + len(self.waiting)
             if queued >= self.cfg.max_queued_requests:
                 raise unavailable(f"the engine queue is full ({queued} requests wait; max_queued_requests)")

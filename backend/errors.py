@@ -25,6 +25,10 @@ def unavailable(message: str = "the model is shutting down") -> RequestError:
     return RequestError("UNAVAILABLE", message)
 
 
+def engine_stopped() -> RequestError:
+    return unavailable("the engine is not running (see the server log)")
+
+
 def deadline_exceeded() -> RequestError:
     return unavailable("the request's timeout expired")
 

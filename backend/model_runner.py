@@ -15,6 +15,7 @@ import torch.nn.functional as F
 from transformers import AttentionInterface, AutoModelForCausalLM
 
 from backend import dense, lora_ops
+from backend.config import context_length
 from backend.lora_layers import LoRAContext, LoRALinear, LoRAStep, wrap_model
 
 ATTENTION = "lora_engine"
@@ -155,8 +156,7 @@ class ModelRunner:
         self.model.to(device).eval()
         self.device = torch.device(device)
         self.config = self.model.config
-        cfg_len = getattr(self.config, "max_position_embeddings", None) or getattr(self.config, "n_positions", None)
-        self.max_len = min(max_len, cfg_len) if max_len and cfg_len else (max_len or cfg_len)
+        self.max_len = context_length(self.config.to_dict(), max_len)
         self.max_seqs = max_seqs
         self.vocab_size = self.model.get_input_embeddings().num_embeddings
         self.module_names = [n for n, _ in self.model.named_modules() if n]

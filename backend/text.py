@@ -5,15 +5,8 @@ import json
 import re
 from pathlib import Path
 
+from backend.config import context_length
 from backend.errors import invalid
-
-
-def context_length(model_dir: Path, max_model_len: int = 0) -> int:
-    """The model's context in tokens (config.json), capped at max_model_len when that is set; 0 if unknown."""
-    path = Path(model_dir) / "config.json"
-    cfg = json.loads(path.read_text()) if path.is_file() else {}
-    length = cfg.get("max_position_embeddings") or cfg.get("n_positions") or 0
-    return min(length, max_model_len) if length and max_model_len else (length or max_model_len)
 
 
 class TextCodec:
@@ -42,7 +35,9 @@ class TextCodec:
         # SentencePiece entries spell each byte with one or more bytes): text longer than this
         # cannot fit the context, whatever it tokenizes to.
         longest = max(len(t.encode()) for t in vocab)
-        self.max_text_bytes = context_length(model_dir, max_model_len) * longest
+        config = Path(model_dir) / "config.json"
+        model_config = json.loads(config.read_text()) if config.is_file() else {}
+        self.max_text_bytes = context_length(model_config, max_model_len) * longest
 
     def encode(self, text: str) -> list[int]:
         return self._encode(text)

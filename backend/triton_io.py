@@ -132,24 +132,27 @@ class StopFiles:
     def new_key(self) -> str:
         return f"{os.getpid()}-{next(self._keys)}"
 
+    def _path(self, name: str) -> str:
+        return os.path.join(self.dir, name)
+
     def stop(self, key: str) -> None:
-        open(os.path.join(self.dir, key), "w").close()
+        open(self._path(key), "w").close()
 
     def stopped(self, key: str) -> bool:
-        return os.path.exists(os.path.join(self.dir, key))
+        return os.path.exists(self._path(key))
 
     def clear(self, key: str) -> None:
         with contextlib.suppress(FileNotFoundError):
-            os.remove(os.path.join(self.dir, key))
+            os.remove(self._path(key))
 
     def publish_pid(self, name: str) -> None:
-        with open(os.path.join(self.dir, f"{name}.pid"), "w") as f:
+        with open(self._path(f"{name}.pid"), "w") as f:
             f.write(str(os.getpid()))
 
     def process_alive(self, name: str) -> bool | None:
         """Whether the process that published `name` runs (a zombie does not); None if none published."""
         try:
-            with open(os.path.join(self.dir, f"{name}.pid")) as f:
+            with open(self._path(f"{name}.pid")) as f:
                 pid = int(f.read())
         except (FileNotFoundError, ValueError):
             return None
