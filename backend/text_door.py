@@ -84,6 +84,8 @@ class TextDoor:
                 continue
             ids = pb_utils.get_output_tensor_by_name(response, "output_ids").as_numpy().reshape(-1).tolist()
             finish = io.first(pb_utils.get_output_tensor_by_name(response, "finish_reason").as_numpy())
+            if error := io.error_in(finish):
+                raise error
             if stream and not finish:
                 sender.send(text_response(self.codec.decode(ids), ""))
             else:

@@ -163,6 +163,23 @@ class StopFiles:
             return False
 
 
+IN_BAND_ERROR = "error:"  # finish_reason prefix of an error lora_llm hands a front door as an output
+
+
+def in_band_error(err: RequestError) -> str:
+    """An error as the finish_reason of a front door's BLS stream. python_backend before r25.04 drops
+    the id of an error response to a decoupled BLS caller (InferResponse::SaveToSharedMemory), so an
+    error after the first response never reaches the caller's iterator, which then waits forever."""
+    return f"{IN_BAND_ERROR}{err.code}:{err.message}"
+
+
+def error_in(finish_reason: str) -> RequestError | None:
+    if not finish_reason.startswith(IN_BAND_ERROR):
+        return None
+    code, _, message = finish_reason[len(IN_BAND_ERROR) :].partition(":")
+    return RequestError(code, message)
+
+
 def stop_key(request) -> str | None:
     """The stop key a front door put into its BLS request's parameters, if any."""
     return json.loads(request.parameters() or "{}").get(StopFiles.PARAMETER)

@@ -46,7 +46,8 @@ class TritonPythonModel:
             codec=self.codec if whole_chars else None,
             outbox=self.outbox,
             cancels=self.cancels,
-            stopped=self.stopped_check(request),
+            stop_key=io.stop_key(request),
+            stops=self.stops,
             metrics=self.engine.metrics,
         )
         try:
@@ -54,11 +55,6 @@ class TritonPythonModel:
         except BaseException:
             self.cancels.forget(req.id)
             raise
-
-    def stopped_check(self, request):
-        """For a front door's BLS request: whether the front door's own client has gone."""
-        key = io.stop_key(request)
-        return (lambda: self.stops.stopped(key)) if key else None
 
     def finalize(self):
         self.watch.close()
@@ -70,14 +66,17 @@ class TritonPythonModel:
 class Responder:
     """One request's outputs, handed to the outbox by the engine thread. Streamed tokens go out one
     response each as they come, or together when sends fall behind; with stream_whole_chars (the
-    ensemble's text streams) in groups that decode to whole characters."""
+    ensemble's text streams) in groups that decode to whole characters. A front door's request
+    (it carries a stop key) is cancelled by its stop file too, and gets errors as a finish_reason."""
 
-    def __init__(self, sender, req: GenerationRequest, *, outputs, codec, outbox, cancels, stopped, metrics):
+    def __init__(self, sender, req: GenerationRequest, *, outputs, codec, outbox, cancels, stop_key, stops, metrics):
         self.sender, self.id, self.outputs = sender, req.id, outputs
         self.prefix = req.input_ids if req.echo_prompt else []
         self.chunker = StreamChunker(codec) if codec else None
         self.outbox, self.cancels, self.metrics = outbox, cancels, metrics
+        self.in_band_errors = stop_key is not None
         self.closed = False  # the final response went out, or a send failed and ended the request
+        stopped = (lambda: stops.stopped(stop_key)) if stop_key else None
         watched = cancels.watch(req.id, sender, also=stopped)
         req.is_cancelled = lambda: self.closed or watched()
 
@@ -103,23 +102,27 @@ class Responder:
             self.closed = True
             self.cancels.forget(self.id)  # before the final response: Triton then frees the sender
             self.metrics.flush()  # a client that has its answer sees it counted
-        if out.error is not None:
+        if out.error is not None and not self.in_band_errors:
             self.sender.send(io.error_response(out.error), flags=io.FINAL)
             return
-        ids = self.prefix + [t for o in outs for t in o.token_ids]
-        log_probs = [p for o in outs for p in o.log_probs]
-        self.prefix = []
-        if self.chunker:
-            chunk = self.chunker.add(ids, log_probs, final=out.finish_reason is not None)
-            if chunk is None:
-                return
-            ids, log_probs = chunk
+        if out.error is not None:
+            ids, log_probs, finish = [], [], io.in_band_error(out.error)
+        else:
+            ids = self.prefix + [t for o in outs for t in o.token_ids]
+            log_probs = [p for o in outs for p in o.log_probs]
+            finish = out.finish_reason
+            self.prefix = []
+            if self.chunker:
+                chunk = self.chunker.add(ids, log_probs, final=finish is not None)
+                if chunk is None:
+                    return
+                ids, log_probs = chunk
         values = {
             "output_ids": (ids, np.int64),
             "output_log_probs": (log_probs, np.float32),
-            "finish_reason": ([out.finish_reason or ""], np.object_),
+            "finish_reason": ([finish or ""], np.object_),
         }
         response = pb_utils.InferenceResponse(
             output_tensors=[io.tensor(name, *v) for name, v in values.items() if name in self.outputs]
         )
-        self.sender.send(response, flags=io.FINAL if out.finish_reason else 0)
+        self.sender.send(response, flags=io.FINAL if finish else 0)
