@@ -31,6 +31,7 @@ class TextDoor:
         self.cancels = io.CancelWatch()
         self.pool = ThreadPoolExecutor(MAX_WORKERS, thread_name_prefix="lora-text")
         self.engine_gone = False
+        self.spent = io.SpentIterators()
         self.watch = io.ServerWatch(lambda: None, alive=self.engine_alive, dead="lora_llm's stub process died")
 
     def engine_alive(self) -> bool:
@@ -75,8 +76,20 @@ class TextDoor:
             parameters={io.StopFiles.PARAMETER: key},
             timeout=timeout_us,
         )
+        responses = call.exec(decoupled=True)
+        try:
+            return self.read(responses, sender, stream)
+        except BaseException:
+            self.stops.stop(key)  # lora_llm ends the request; its last responses are read here
+            for _ in responses:
+                pass
+            raise
+        finally:
+            self.spent.keep(responses)
+
+    def read(self, responses, sender, stream: bool):
         pieces, finish = [], ""
-        for response in call.exec(decoupled=True):
+        for response in responses:
             if response.has_error():
                 message = response.error().message()
                 raise RequestError(code_of(message), message)
@@ -96,6 +109,7 @@ class TextDoor:
         self.watch.close()
         self.pool.shutdown(wait=False, cancel_futures=True)  # a worker stuck on a gone client must not hold the unload
         self.cancels.close()
+        self.spent.clear()
 
 
 def text_response(text: str, finish: str):

@@ -1,5 +1,6 @@
 """Glue between Triton's Python backend objects and ours; imported only by the model.py files."""
 
+import collections
 import contextlib
 import itertools
 import json
@@ -114,6 +115,31 @@ class Outbox:
                     log.exception("sending a response failed")
             if None in batch:
                 return
+
+
+class SpentIterators:
+    """Holds each finished BLS response iterator for `seconds` more. python_backend frees an iterator,
+    and the numpy arrays of its responses, wherever its last reference goes: when that is the stub's
+    own table of iterators (ResponseIterator cleanup, Stub::SendCleanupId), on a thread without the
+    GIL, which corrupts the Python heap; concurrent streams crashed the ensemble's stub in pymalloc
+    within seconds. Held a while longer, an iterator is let go by that table first, then here."""
+
+    def __init__(self, seconds: float = 10.0):
+        self.seconds = seconds
+        self.held: collections.deque = collections.deque()
+        self.lock = threading.Lock()
+
+    def keep(self, iterator) -> None:
+        now = time.monotonic()
+        with self.lock:
+            self.held.append((now + self.seconds, iterator))
+            while self.held[0][0] < now:
+                self.held.popleft()
+
+    def clear(self) -> None:
+        """Before the stub goes down: iterators freed after its shared memory crash the process."""
+        with self.lock:
+            self.held.clear()
 
 
 class StopFiles:
