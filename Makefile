@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 RUFF := .venv/bin/ruff
 
-.PHONY: setup demo test test-slow bench lint format
+.PHONY: setup demo test test-slow bench soak lint format
 
 setup:
 	@bash scripts/setup.sh
@@ -27,3 +27,8 @@ lint: setup
 format: setup
 	$(RUFF) format .
 	$(RUFF) check --fix .
+
+# Many clients on every front door for minutes, watching errors and memory (issue 7);
+# ARGS="--clients 8 --minutes 1" for a short run.
+soak: setup
+	$(PY) benchmarks/soak.py $(ARGS)

@@ -172,10 +172,13 @@ def commit() -> str:
     return head + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
 
 
+def slug(text: str) -> str:
+    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:40]
+
+
 def write(rows, loads, info: dict, out: Path) -> Path:
     out.mkdir(parents=True, exist_ok=True)
-    slug = re.sub(r"[^a-z0-9]+", "-", info["machine"].lower()).strip("-")[:40]
-    stem = out / f"serving-{info['shape_name']}-{slug}-{info['date']}"
+    stem = out / f"serving-{info['shape_name']}-{slug(info['machine'])}-{info['date']}"
     with open(stem.with_suffix(".csv"), "w", newline="") as f:
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()

@@ -39,3 +39,17 @@ def test_serving_benchmark_quick(tmp_path):
     text = table.with_suffix(".md").read_text()
     assert "| target | measured | goal |" in text and "machine:" in text and "commit:" in text
     assert table.with_suffix(".png").stat().st_size > 10_000
+
+
+def test_soak_smoke(tmp_path):
+    """`make soak` for a few seconds with a few clients: every front door answers, nothing unexpected
+    fails, nothing stays in flight and the server stops cleanly. Memory drift is not judged so soon."""
+    done = subprocess.run(
+        [sys.executable, str(ROOT / "benchmarks" / "soak.py"), "--clients", "4", "--minutes", "0.25",
+         "--max-drift", "10", "--out", str(tmp_path)],
+        capture_output=True, text=True, timeout=600,
+    )  # fmt: skip
+    assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
+    (report,) = tmp_path.glob("soak-*.md")
+    text = report.read_text()
+    assert "result: passed" in text and "left in flight: 0; tritonserver exit code 0" in text
