@@ -6,7 +6,7 @@ import triton_python_backend_utils as pb_utils
 from backend import triton_io as io
 from backend.config import EngineConfig
 from backend.engine import Engine, Output
-from backend.errors import internal
+from backend.errors import RequestError, internal
 from backend.metrics import TritonMetrics
 from backend.request import GenerationRequest, parse_request
 from backend.text import StreamChunker, TextCodec
@@ -93,7 +93,7 @@ class Responder:
         except Exception as e:
             self.closed = True
             self.cancels.forget(self.id)
-            self.sender.send(io.error_response(internal(f"sending a response failed: {e}")), flags=io.FINAL)
+            self._send_error(internal(f"sending a response failed: {e}"))
             raise
 
     def _send(self, outs: list[Output]) -> None:
@@ -102,27 +102,31 @@ class Responder:
             self.closed = True
             self.cancels.forget(self.id)  # before the final response: Triton then frees the sender
             self.metrics.flush()  # a client that has its answer sees it counted
-        if out.error is not None and not self.in_band_errors:
-            self.sender.send(io.error_response(out.error), flags=io.FINAL)
-            return
         if out.error is not None:
-            ids, log_probs, finish = [], [], io.in_band_error(out.error)
+            self._send_error(out.error)
+            return
+        ids = self.prefix + [t for o in outs for t in o.token_ids]
+        log_probs = [p for o in outs for p in o.log_probs]
+        self.prefix = []
+        if self.chunker:
+            chunk = self.chunker.add(ids, log_probs, final=out.finish_reason is not None)
+            if chunk is None:
+                return
+            ids, log_probs = chunk
+        self.sender.send(self._response(ids, log_probs, out.finish_reason), flags=io.FINAL if out.finish_reason else 0)
+
+    def _send_error(self, err: RequestError) -> None:
+        if self.in_band_errors:  # a front door's stream: see io.in_band_error
+            self.sender.send(self._response([], [], io.in_band_error(err)), flags=io.FINAL)
         else:
-            ids = self.prefix + [t for o in outs for t in o.token_ids]
-            log_probs = [p for o in outs for p in o.log_probs]
-            finish = out.finish_reason
-            self.prefix = []
-            if self.chunker:
-                chunk = self.chunker.add(ids, log_probs, final=finish is not None)
-                if chunk is None:
-                    return
-                ids, log_probs = chunk
+            self.sender.send(io.error_response(err), flags=io.FINAL)
+
+    def _response(self, ids: list[int], log_probs: list[float], finish_reason: str | None):
         values = {
             "output_ids": (ids, np.int64),
             "output_log_probs": (log_probs, np.float32),
-            "finish_reason": ([finish or ""], np.object_),
+            "finish_reason": ([finish_reason or ""], np.object_),
         }
-        response = pb_utils.InferenceResponse(
+        return pb_utils.InferenceResponse(
             output_tensors=[io.tensor(name, *v) for name, v in values.items() if name in self.outputs]
         )
-        self.sender.send(response, flags=io.FINAL if finish else 0)
