@@ -79,8 +79,10 @@ class TextDoor:
         responses = call.exec(decoupled=True)
         try:
             return self.read(responses, sender, stream)
-        except BaseException:
-            self.stops.stop(key)  # lora_llm ends the request; its last responses are read here
+        except RequestError:  # lora_llm's error: always its final response, the stream has ended
+            raise
+        except BaseException:  # left mid-stream: lora_llm ends the request, its last responses are read here
+            self.stops.stop(key)
             for _ in responses:
                 pass
             raise
