@@ -13,6 +13,7 @@ first sample after warm-up and the last, anything left in flight, or an unclean 
 """
 
 import argparse
+import contextlib
 import datetime
 import json
 import random
@@ -144,16 +145,10 @@ class Soak:
 
 
 def resident_mb(server: TritonServer) -> dict[str, float]:
-    """RSS of tritonserver and each Python stub, named by the model instance it runs."""
-    root = psutil.Process(server.process.pid)
-    sizes = {"tritonserver": root.memory_info().rss / 2**20}
-    for child in root.children(recursive=True):
-        try:
-            args = child.cmdline()
-            name = args[-2] if "python_backend_stub" in args[0] and len(args) > 2 else child.name()
-            sizes[name] = child.memory_info().rss / 2**20
-        except psutil.NoSuchProcess:
-            pass
+    sizes = {}
+    for name, process in server.processes().items():
+        with contextlib.suppress(psutil.NoSuchProcess):
+            sizes[name] = process.memory_info().rss / 2**20
     return sizes
 
 

@@ -11,6 +11,8 @@ import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
 
+import psutil
+
 REPO_ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -107,6 +109,18 @@ class TritonServer:
         except subprocess.TimeoutExpired:
             os.killpg(self.process.pid, signal.SIGKILL)
             return self.process.wait()
+
+    def processes(self) -> dict[str, psutil.Process]:
+        """tritonserver and its Python stubs, each stub named by the model instance it runs (lora_llm_0_0)."""
+        root = psutil.Process(self.process.pid)
+        found = {"tritonserver": root}
+        for child in root.children(recursive=True):
+            try:
+                args = child.cmdline()
+            except psutil.NoSuchProcess:
+                continue
+            found[args[-2] if "python_backend_stub" in args[0] and len(args) > 2 else child.name()] = child
+        return found
 
     def log_tail(self, lines: int = 60) -> str:
         return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:]) if self.log_path else ""

@@ -243,8 +243,7 @@ def test_health_after_the_engine_stub_dies(fault_assets, tmp_path):
     health endpoints stop answering ready (Triton 2.51 gives a model no way to report itself unready)."""
     server = start_server(fault_assets, tmp_path)
     try:
-        stub = next(p for p in _children(server.process.pid) if "lora_llm" in _cmdline(p))
-        os.kill(stub, signal.SIGKILL)
+        server.processes()["lora_llm_0_0"].send_signal(signal.SIGKILL)
         deadline = time.monotonic() + 20
         while server.ready() and time.monotonic() < deadline:
             time.sleep(0.2)
@@ -253,17 +252,6 @@ def test_health_after_the_engine_stub_dies(fault_assets, tmp_path):
         assert "lora_llm's stub process died" in server.log_path.read_text()
     finally:
         server.stop()
-
-
-def _children(pid: int) -> list[int]:
-    import psutil
-
-    return [c.pid for c in psutil.Process(pid).children(recursive=True)]
-
-
-def _cmdline(pid: int) -> str:
-    with open(f"/proc/{pid}/cmdline", "rb") as f:
-        return f.read().decode(errors="replace")
 
 
 def test_engine_gauges_return_to_zero(fserver):

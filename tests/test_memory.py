@@ -13,10 +13,9 @@ from client.server import TritonServer
 MB = 2**20
 
 
-def tree_rss(pid: int) -> int:
-    """Resident bytes of a process and all its descendants (the server and its Python stubs)."""
-    root = psutil.Process(pid)
-    return sum(p.memory_info().rss for p in [root, *root.children(recursive=True)])
+def tree_rss(server: TritonServer) -> int:
+    """Resident bytes of the server and all its Python stubs."""
+    return sum(p.memory_info().rss for p in server.processes().values())
 
 
 @pytest.fixture(scope="module")
@@ -41,10 +40,10 @@ def test_front_doors_do_not_copy_the_base(big_base, capsys):
     env = {ENV_BASE_MODEL: str(big_base / "base"), ENV_ADAPTER_DIR: str(big_base / "adapters")}
     with TritonServer(env=env, models=["lora_llm"]) as server:
         client = httpclient.InferenceServerClient(server.http_url)
-        rss = {"lora_llm": tree_rss(server.process.pid)}
+        rss = {"lora_llm": tree_rss(server)}
         for model in ["lora_text", "ensemble"]:  # front doors: tokenizer only
             client.load_model(model)
-            rss[model] = tree_rss(server.process.pid)
+            rss[model] = tree_rss(server)
     with capsys.disabled():
         print(f"\nbase weights {weights / MB:.0f} MB; server + stubs resident:", end=" ")
         print(", ".join(f"+{m} {v / MB:.0f} MB" for m, v in rss.items()))
