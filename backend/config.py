@@ -1,5 +1,6 @@
-"""Engine settings: one frozen dataclass filled from config.pbtxt parameters (and two env overrides).
-Imports no torch: the tokenizer models use it too."""
+"""Engine settings: one frozen dataclass filled from config.pbtxt parameters, each overridable by an
+environment variable LORA_<NAME> (LORA_MAX_MODEL_LEN, LORA_KV_CACHE_MEMORY, ...) so that a deployment
+need not edit the repository. Imports no torch: the tokenizer models use it too."""
 
 import dataclasses
 import os
@@ -8,6 +9,7 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEMO_DIR = REPO_ROOT / ".demo"
+ENV_PREFIX = "LORA_"
 ENV_BASE_MODEL = "LORA_BASE_MODEL"
 ENV_ADAPTER_DIR = "LORA_ADAPTER_DIR"
 
@@ -25,8 +27,13 @@ class EngineConfig:
     max_num_seqs: int = 32  # sequences in the running batch
     num_threads: int = 0  # torch (OpenMP) threads of the engine; 0 = the cores this process may use
     max_model_len: int = 0  # context length; 0 = the model's
-    max_prefill_tokens: int = 2048  # prompt tokens admitted per step
-    max_queued_requests: int = 256  # requests waiting for a KV row; past it a request gets UNAVAILABLE
+    max_prefill_tokens: int = 2048  # prompt tokens fed per step; longer prompts are fed in chunks
+    # KV cache: bytes ("4GiB", "512MB", "1e9") or a fraction of free memory ("0.9"); "auto" = 0.9 of the
+    # GPU's free memory after weights and adapter slots, 1GiB on a CPU. Never more than max_num_seqs
+    # sequences of max_model_len need.
+    kv_cache_memory: str = "auto"
+    kv_block_size: int = 16  # tokens per KV-cache block
+    max_queued_requests: int = 256  # requests waiting to run; past it a request gets UNAVAILABLE
     shutdown_grace_seconds: float = 5.0  # at server shutdown, requests still running then get UNAVAILABLE
     allow_adapter_symlinks: bool = False  # follow symlinks that lead out of an adapter's folder
     default_max_tokens: int = 64
@@ -35,16 +42,21 @@ class EngineConfig:
     @classmethod
     def from_parameters(cls, params: dict[str, str], root: Path = REPO_ROOT, env=os.environ) -> "EngineConfig":
         """params: config.pbtxt `parameters` as name -> string; relative paths are resolved from `root`.
-        LORA_BASE_MODEL and LORA_ADAPTER_DIR, when set, win over the parameters."""
+        A non-empty environment variable LORA_<NAME> wins over the parameter <name>."""
         values = {}
         for f in dataclasses.fields(cls):
-            raw = params.get(f.name, "").strip()
-            if raw:
-                values[f.name] = parse_value(f.type, raw, root)
-        for name, var in (("base_model", ENV_BASE_MODEL), ("adapter_dir", ENV_ADAPTER_DIR)):
-            if env.get(var):
-                values[name] = Path(env[var])
+            var = ENV_PREFIX + f.name.upper()
+            raw, source = (env[var], var) if env.get(var, "").strip() else (params.get(f.name, ""), f.name)
+            if raw.strip():
+                try:
+                    values[f.name] = parse_value(f.type, raw.strip(), Path.cwd() if source == var else root)
+                except ValueError as e:
+                    raise ValueError(f"setting {source}: {e}") from None
         return cls(**values)
+
+    def as_parameters(self) -> dict[str, str]:
+        """The settings in effect, as config.pbtxt parameter strings (absolute paths)."""
+        return {f.name: format_value(getattr(self, f.name)) for f in dataclasses.fields(self)}
 
     @property
     def targets(self) -> str | list[str]:
@@ -63,9 +75,15 @@ def context_length(model_config: dict, max_model_len: int = 0) -> int:
 
 def parse_value(kind: type, raw: str, root: Path):
     if kind is Path:
-        return root / raw
+        return (root / raw).resolve()
     if kind is bool:
         if raw.lower() not in ("true", "false", "1", "0"):
             raise ValueError(f"expected true or false, got {raw!r}")
         return raw.lower() in ("true", "1")
     return kind(raw)
+
+
+def format_value(value) -> str:
+    if isinstance(value, bool):
+        return str(value).lower()
+    return str(value)

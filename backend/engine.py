@@ -1,7 +1,10 @@
 """Continuous batching: requests join the running batch between steps and leave as they finish.
 
-One step = one forward over every running sequence (new prompts and decode tokens together), one
-sampled token each. Each sequence holds a KV-cache row and, if it names an adapter, a LoRA slot.
+One step = one forward over every running sequence: a decode token each, and prompt chunks of at most
+max_prefill_tokens in all, shortest prompt first, so a long prompt neither holds back the decoding nor
+a short prompt behind it. Each running sequence holds KV-cache blocks for its tokens and, if it names
+an adapter, a LoRA slot. When a growing sequence finds the cache full, the newest running sequence is
+preempted: it gives its blocks back and is fed again, prompt and output so far, when there is room.
 All torch work of the model (loading it too) runs on the engine's own thread: a second thread that
 ran torch ops would bring a second OpenMP team to compete for the same cores.
 """
@@ -30,7 +33,7 @@ from backend.errors import (
     unavailable,
 )
 from backend.metrics import Metrics
-from backend.model_runner import ModelRunner
+from backend.model_runner import ModelRunner, SeqWork
 from backend.request import GenerationRequest, Limits
 from backend.sampling import make_generator, sample
 
@@ -50,9 +53,10 @@ class Sequence:
     req: GenerationRequest
     emit: Callable[[Output], None]
     tokens: list[int]
-    row: int = -1
+    blocks: list[int] = field(default_factory=list)  # its KV-cache blocks while it runs
     slot: int = -1
     cached: int = 0
+    passed_over: bool = False  # a prompt chunk was due and not fed last step: it goes first
     out_ids: list[int] = field(default_factory=list)
     out_logprobs: list[float] = field(default_factory=list)
     generator: torch.Generator | None = None
@@ -66,8 +70,7 @@ class Engine:
         self.metrics = metrics or Metrics()
         self.inbox: queue.Queue[Sequence] = queue.Queue()
         self.waiting: deque[Sequence] = deque()
-        self.running: list[Sequence] = []
-        self.free_rows = list(range(cfg.max_num_seqs - 1, -1, -1))
+        self.running: list[Sequence] = []  # in the order admitted
         self.stopping = threading.Event()
         self.stopped = False  # the engine thread has ended: nothing would answer
         self.drain_by: float | None = None  # at shutdown: requests still running then end with UNAVAILABLE
@@ -96,7 +99,10 @@ class Engine:
             max_rank=cfg.max_lora_rank,
             targets=cfg.targets,
             lora_backend=cfg.lora_backend,
+            kv_cache_memory=cfg.kv_cache_memory,
+            kv_block_size=cfg.kv_block_size,
         )
+        self.kv = self.runner.kv
         store = AdapterStore(
             cfg.adapter_dir,
             self.runner.shapes,
@@ -187,7 +193,12 @@ class Engine:
         while not self._idle_until_work():
             try:
                 self.step()
-                self.metrics.occupancy(len(self.running), self.adapters.slots_in_use, len(self.waiting))
+                self.metrics.occupancy(
+                    len(self.running),
+                    self.adapters.slots_in_use,
+                    len(self.waiting),
+                    self.kv.num_blocks - len(self.kv.free),
+                )
             except Exception as e:  # a bug must not leave requests waiting forever
                 log.exception("engine step failed")
                 for seq in [*self.running, *self.waiting]:
@@ -220,39 +231,74 @@ class Engine:
             elif seq.req.deadline is not None and now > seq.req.deadline:
                 self._finish(seq, error=deadline_exceeded())
         self._admit()
-        if not self.running:
+        work = self._schedule()
+        if not work:
             return
-        fed = [s.tokens[s.cached :] for s in self.running]
-        self.metrics.step({s.req.lora_name for s in self.running})
+        self.metrics.step({s.req.lora_name for s, _ in work})
+        sampled = [(s, n) for s, n in work if s.cached + n == len(s.tokens)]
         try:
-            batch = self.runner.make_step([(s.row, toks, s.cached, s.slot) for s, toks in zip(self.running, fed)])
+            batch = self.runner.make_step(
+                [SeqWork(s.blocks, s.tokens[s.cached : s.cached + n], s.cached, s.slot, s.cached + n == len(s.tokens))
+                 for s, n in work]
+            )  # fmt: skip
             logits = self.runner.forward(batch)
-            tokens, logprobs = sample(
-                logits, [s.req.sampling for s in self.running], [s.generator for s in self.running]
-            )
+            tokens, logprobs = sample(logits, [s.req.sampling for s, _ in sampled], [s.generator for s, _ in sampled])
         except Exception as e:  # a failed step fails its requests, not the server
             log.exception("engine step failed")
             for seq in list(self.running):
                 self._finish(seq, error=internal(f"engine step failed: {e}"))
             return
-        for seq, toks, tok, lp in zip(list(self.running), fed, tokens, logprobs):
-            seq.cached += len(toks)
+        for seq, n in work:
+            seq.cached += n
+        for (seq, _), tok, lp in zip(sampled, tokens, logprobs):
             if tok is None:  # this sequence's logits are not finite: it alone fails
                 self._finish(seq, error=internal("the model produced non-finite logits for this request"))
             else:
                 self._append(seq, tok, lp)
 
+    def _schedule(self) -> list[tuple[Sequence, int]]:
+        """(sequence, tokens to feed) for this step. Decode tokens first, each with room for its K/V (the
+        newest sequences are preempted to make it); then prompt chunks, shortest prompt first."""
+        decoding = [s for s in self.running if len(s.tokens) - s.cached == 1]
+        for seq in decoding:
+            while seq in self.running and not self.kv.grow(seq.blocks, len(seq.tokens)):
+                self._preempt(self.running[-1])
+        fed = dict.fromkeys(decoding, 1)
+        budget = self.cfg.max_prefill_tokens
+        prompts = [s for s in self.running if len(s.tokens) - s.cached > 1]
+        for seq in sorted(prompts, key=lambda s: (not s.passed_over, len(s.tokens) - s.cached)):
+            fed[seq] = min(len(seq.tokens) - seq.cached, budget)
+            seq.passed_over = fed[seq] == 0
+            budget -= fed[seq]
+        return [(s, fed[s]) for s in self.running if fed.get(s)]  # in running order
+
+    def _preempt(self, seq: Sequence) -> None:
+        """Frees the sequence's blocks and slot; it waits first in line, to be fed again from its first token."""
+        self.running.remove(seq)
+        self.kv.release(seq.blocks)
+        if seq.slot >= 0:
+            self.adapters.release(seq.slot)
+        seq.slot, seq.cached, seq.passed_over = -1, 0, False
+        self.waiting.appendleft(seq)
+        self.metrics.inc("lora_engine_preemptions_total")
+        log.info("KV cache full: request %s preempted after %d tokens", seq.req.id, len(seq.out_ids))
+
     def _admit(self) -> None:
-        budget = self.cfg.max_prefill_tokens  # the first prompt of a step is admitted whatever its length
+        """Waiting sequences join in order while there is a running place, KV blocks for all their tokens
+        so far, and an adapter slot (a request whose adapter has none lets later base requests pass)."""
         blocked = False  # once a request waits for a slot, later adapter requests wait behind it
         for seq in list(self.waiting):
-            if not self.free_rows or (budget < len(seq.tokens) and budget < self.cfg.max_prefill_tokens):
+            need = self.kv.blocks_for(len(seq.tokens))
+            if need > self.kv.num_blocks:  # cannot happen while max_model_len fits the cache: never wait forever
+                self._finish(seq, error=internal(f"{len(seq.tokens)} tokens do not fit the KV cache"))
+                continue
+            if len(self.running) >= self.cfg.max_num_seqs or need > len(self.kv.free):
                 return
             if blocked and seq.req.lora_name:
                 continue
-            # what can fail comes first: the sequence takes its row and slot only once nothing can
+            # what can fail comes first: the sequence takes its blocks and slot only once nothing can
             try:
-                generator = make_generator(seq.req.sampling, self.device)
+                generator = seq.generator or make_generator(seq.req.sampling, self.device)
                 slot = self.adapters.acquire(seq.req.lora_name) if seq.req.lora_name else -1
             except RequestError as e:
                 self._finish(seq, error=e)
@@ -265,9 +311,9 @@ class Engine:
                 blocked = True  # every slot is busy with other adapters: wait for one to free up
                 continue
             self.waiting.remove(seq)
-            seq.slot, seq.row, seq.generator = slot, self.free_rows.pop(), generator
+            self.kv.grow(seq.blocks, len(seq.tokens))
+            seq.slot, seq.generator = slot, generator
             self.running.append(seq)
-            budget -= len(seq.tokens)
 
     def _append(self, seq: Sequence, token: int, logprob: float) -> None:
         seq.tokens.append(token)
@@ -287,7 +333,7 @@ class Engine:
         self.metrics.tokens(seq.req.lora_name, len(seq.out_ids))  # published by whoever sends the answer
         if seq in self.running:
             self.running.remove(seq)
-            self.free_rows.append(seq.row)
+            self.kv.release(seq.blocks)
             if seq.slot >= 0:
                 self.adapters.release(seq.slot)
         elif seq in self.waiting:

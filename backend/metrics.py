@@ -17,11 +17,13 @@ COUNTERS = {
     "lora_adapter_evictions_total": "Adapters evicted from a device slot",
     "lora_engine_steps_total": "Engine steps (one forward over the running batch)",
     "lora_engine_mixed_steps_total": "Engine steps whose batch held more than one adapter (the base counts as one)",
+    "lora_engine_preemptions_total": "Running sequences preempted (fed again later) because the KV cache was full",
 }
 GAUGES = {
     "lora_engine_max_adapters_per_step": "Most distinct adapters (the base counts as one) seen in one engine step",
-    "lora_engine_running_sequences": "Sequences in the running batch (KV-cache rows in use)",
-    "lora_engine_waiting_requests": "Requests queued for a KV-cache row or an adapter slot",
+    "lora_engine_running_sequences": "Sequences in the running batch",
+    "lora_engine_waiting_requests": "Requests queued for a running place, KV-cache blocks or an adapter slot",
+    "lora_kv_cache_blocks_in_use": "KV-cache blocks held by running sequences",
     "lora_adapter_slots_in_use": "Adapter slots held by running sequences",
 }
 
@@ -57,8 +59,9 @@ class Metrics:
             self.inc("lora_engine_mixed_steps_total")
         self.set_max("lora_engine_max_adapters_per_step", len(adapters))
 
-    def occupancy(self, running: int, slots: int, waiting: int) -> None:
+    def occupancy(self, running: int, slots: int, waiting: int, kv_blocks: int) -> None:
         self.gauge("lora_engine_running_sequences", running)
+        self.gauge("lora_kv_cache_blocks_in_use", kv_blocks)
         self.gauge("lora_adapter_slots_in_use", slots)
         self.gauge("lora_engine_waiting_requests", waiting)
 

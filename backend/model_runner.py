@@ -2,62 +2,63 @@
 
 All tokens of a step (prefill chunks and decode tokens of every running sequence) go through the
 model as one row [1, T], so each linear layer, and its LoRA deltas, sees the whole mixed batch at
-once. Attention is ours: it writes each token's K/V into that sequence's row of a preallocated
-cache and attends within the sequence. Works for any model that calls transformers' attention
-interface (Llama, Mistral, Qwen2, GPT-2, ...).
+once. Attention is ours (backend.attention): each token's K/V goes to its sequence's blocks of the
+paged cache and it attends within its sequence. Works for any model that calls transformers'
+attention interface (Llama, Mistral, Qwen2, Phi-3, Gemma-2, GPT-2, ...) with arguments we apply.
 """
 
+import logging
 from dataclasses import dataclass
 from pathlib import Path
 
 import torch
-import torch.nn.functional as F
 from transformers import AttentionInterface, AutoModelForCausalLM
 
 from backend import dense, lora_ops
+from backend.attention import AttentionMeta, AttnArgs, PagedAttention, UnsupportedAttention, build_meta
 from backend.config import context_length
+from backend.kv_cache import KVCache, LayerShape, budget_bytes, fmt_bytes, plan_cache
 from backend.lora_layers import LoRAContext, LoRALinear, LoRAStep, wrap_model
 
+log = logging.getLogger("lora_engine")
 ATTENTION = "lora_engine"
 
 
 @dataclass(frozen=True)
-class SeqSlice:
-    row: int  # KV-cache row of the sequence
-    start: int  # first of its tokens in the flat batch
-    length: int  # tokens it feeds this step
-    kv_len: int  # cached tokens after this step
+class SeqWork:
+    table: list[int]  # its KV-cache blocks, enough for cached + len(tokens)
+    tokens: list[int]  # tokens to feed this step
+    cached: int  # tokens already in the cache
+    slot: int  # LoRA slot, -1 for the base model
+    sample: bool = True  # False for a prompt chunk that is not its last: no logits
 
 
 @dataclass(frozen=True)
 class StepBatch:
     input_ids: torch.Tensor  # [T]
     positions: torch.Tensor  # [T]
-    rows: torch.Tensor  # [T] cache row of each token
-    seqs: tuple[SeqSlice, ...]  # in the order given; their tokens are laid out by LoRA slot
-    last: torch.Tensor  # [B] index of each sequence's last token: where logits are taken
+    attention: AttentionMeta
+    last: torch.Tensor  # [B] index of the last token of each sampled sequence: where logits are taken
     lora: LoRAStep  # which tokens use which adapter slot
-    decode: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None  # single-token sequences: token, row, kv_len
+    spans: tuple[tuple[int, int], ...]  # (first token, tokens) of each sequence, in `work` order
 
 
 def make_step(
-    seqs: list[tuple[int, list[int], int, int]], device, ops: lora_ops.LoRAOps, lora_on_output: bool = False
+    work: list[SeqWork], device, ops: lora_ops.LoRAOps, block_size: int, paged_kernel: bool, lora_on_output=False
 ) -> StepBatch:
-    """seqs: (cache row, tokens to feed, tokens already cached, lora slot or -1) per sequence.
-    What every layer needs is built here, once per step. Tokens are laid out base-model sequences
-    first, then by slot, so that each adapter's tokens are one run (logits come back in `seqs` order)."""
-    slices: list[SeqSlice | None] = [None] * len(seqs)
-    ids, pos, rows, slots = [], [], [], []
-    for i in sorted(range(len(seqs)), key=lambda i: seqs[i][3]):
-        row, tokens, cached, slot = seqs[i]
-        slices[i] = SeqSlice(row, len(ids), len(tokens), cached + len(tokens))
-        ids += tokens
-        pos += range(cached, cached + len(tokens))
-        rows += [row] * len(tokens)
-        slots += [slot] * len(tokens)
+    """What every layer needs, built once per step. Tokens are laid out base-model sequences first,
+    then by slot, so that each adapter's tokens are one run (logits come back in `work` order)."""
+    starts: list[int] = [0] * len(work)
+    ids, pos, slots, seqs = [], [], [], []
+    for i in sorted(range(len(work)), key=lambda i: work[i].slot):
+        w = work[i]
+        starts[i] = len(ids)
+        seqs.append((w.table, len(ids), len(w.tokens), w.cached))
+        ids += w.tokens
+        pos += range(w.cached, w.cached + len(w.tokens))
+        slots += [w.slot] * len(w.tokens)
     as_long = {"dtype": torch.long, "device": device}
-    last = [s.start + s.length - 1 for s in slices]
-    decode = [s for s in slices if s.length == 1]
+    last = [starts[i] + len(w.tokens) - 1 for i, w in enumerate(work) if w.sample]
     last_slots = torch.tensor([slots[i] for i in last], device=device)
     lora = LoRAStep(
         ops.rows(lora_ops.sorted_segments(slots, device)),
@@ -68,76 +69,43 @@ def make_step(
     return StepBatch(
         torch.tensor(ids, **as_long),
         torch.tensor(pos, **as_long),
-        torch.tensor(rows, **as_long),
-        tuple(slices),
+        build_meta(seqs, block_size, device, paged_kernel),
         torch.tensor(last, **as_long),
         lora,
-        tuple(torch.tensor(v, **as_long) for v in zip(*((s.start, s.row, s.kv_len) for s in decode))) or None,
+        tuple((starts[i], len(w.tokens)) for i, w in enumerate(work)),
     )
 
 
-class LayerKV:
-    """K/V cache of one attention layer: [rows, kv_heads, max_len, head_dim], allocated on first use."""
+class LayerAttention:
+    """The engine's attention for one attention module. Before the cache exists (the probe forward at
+    load) it records the layer's K/V shape and checks the arguments the model passes."""
 
-    def __init__(self, runner: "ModelRunner"):
-        self.runner = runner
-        self.k = self.v = None
+    def __init__(self, runner: "ModelRunner", index: int, name: str):
+        self.runner, self.index, self.name = runner, index, name
+        self.shape: LayerShape | None = None
+        self.args: AttnArgs | None = None
+        self.arg_names: frozenset[str] = frozenset()
+        self.paged: PagedAttention | None = None
 
-    def attend(self, q, k, v, scaling, window) -> torch.Tensor:
-        # q: [1, Hq, T, D]; k, v: [1, Hkv, T, D] for the new tokens -> [1, T, Hq, D]
-        step = self.runner.step
-        if self.k is None:
-            shape = (self.runner.max_seqs, k.shape[1], self.runner.max_len, k.shape[3])
-            self.k = torch.zeros(shape, dtype=k.dtype, device=k.device)
-            self.v = torch.zeros_like(self.k)
-        self.k[step.rows, :, step.positions] = k[0].transpose(0, 1)
-        self.v[step.rows, :, step.positions] = v[0].transpose(0, 1)
-        out = torch.empty(1, q.shape[2], q.shape[1], q.shape[3], dtype=q.dtype, device=q.device)
-        if step.decode:
-            self._decode(q, out, step.decode, scaling, window)
-        for s in step.seqs:
-            if s.length > 1:
-                self._prefill(q, out, s, scaling, window)
-        return out
-
-    def _decode(self, q, out, decode, scaling, window):
-        # One attention call for every single-token sequence, keys padded to the longest.
-        idx, rows, lens = decode
-        n = int(lens.max())
-        keys = torch.arange(n, device=q.device)
-        mask = keys[None, :] < lens[:, None]
-        if window:
-            mask &= keys[None, :] > lens[:, None] - 1 - window
-        qd = q[0, :, idx].transpose(0, 1).unsqueeze(2)  # [B, Hq, 1, D]
-        o = F.scaled_dot_product_attention(
-            qd, self.k[rows, :, :n], self.v[rows, :, :n], attn_mask=mask[:, None, None], scale=scaling, enable_gqa=True
-        )
-        out[0, idx] = o[:, :, 0]
-
-    def _prefill(self, q, out, s: SeqSlice, scaling, window):
-        qs = q[:, :, s.start : s.start + s.length]
-        k, v = self.k[s.row : s.row + 1, :, : s.kv_len], self.v[s.row : s.row + 1, :, : s.kv_len]
-        if s.kv_len == s.length and not (window and s.kv_len > window):
-            o = F.scaled_dot_product_attention(qs, k, v, is_causal=True, scale=scaling, enable_gqa=True)
-        else:
-            qpos = torch.arange(s.kv_len - s.length, s.kv_len, device=q.device)[:, None]
-            kpos = torch.arange(s.kv_len, device=q.device)[None, :]
-            mask = (kpos <= qpos) & ((qpos - kpos < window) if window else True)
-            o = F.scaled_dot_product_attention(qs, k, v, attn_mask=mask, scale=scaling, enable_gqa=True)
-        out[0, s.start : s.start + s.length] = o[0].transpose(0, 1)
+    def __call__(self, q, k, v, kwargs: dict) -> torch.Tensor:
+        if frozenset(kwargs) != self.arg_names:
+            self.args = AttnArgs.parse(f"{self.runner.arch} layer {self.name}", q.shape[-1], kwargs)
+            self.arg_names = frozenset(kwargs)
+        if self.paged is None:  # the probe
+            self.shape = LayerShape(k.shape[1], k.shape[3])
+            return torch.zeros(1, q.shape[2], q.shape[1], q.shape[3], dtype=q.dtype, device=q.device)
+        return self.paged(q, k, v, self.runner.step.attention, self.args)
 
 
-def engine_attention(
-    module, query, key, value, attention_mask, scaling=None, dropout=0.0, sliding_window=None, **kwargs
-):
-    return module.lora_kv.attend(query, key, value, scaling, sliding_window), None
+def engine_attention(module, query, key, value, attention_mask, **kwargs):
+    return module.lora_attention(query, key, value, kwargs), None
 
 
 AttentionInterface.register(ATTENTION, engine_attention)
 
 
 class ModelRunner:
-    """Owns the model, its LoRA layers and KV cache; `forward` gives next-token logits per sequence."""
+    """Owns the model, its LoRA layers and the KV cache; `forward` gives next-token logits per sequence."""
 
     def __init__(
         self,
@@ -151,13 +119,17 @@ class ModelRunner:
         max_rank: int,
         targets="all-linear",
         lora_backend: str = "auto",
+        kv_cache_memory: str = "auto",
+        kv_block_size: int = 16,
     ):
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation=ATTENTION)
         self.model.to(device).eval()
         self.device = torch.device(device)
         self.config = self.model.config
+        self.arch = type(self.model).__name__
         self.max_len = context_length(self.config.to_dict(), max_len)
-        self.max_seqs = max_seqs
+        if not self.max_len:
+            raise ValueError(f"{self.arch}: the model's config gives no context length; set max_model_len")
         self.vocab_size = self.model.get_input_embeddings().num_embeddings
         self.module_names = [n for n, _ in self.model.named_modules() if n]
         ops = lora_ops.LoRAOps(lora_backend, self.device)
@@ -171,18 +143,54 @@ class ModelRunner:
             dense.own_memory(self.model)
         self.lora_on_output = isinstance(self.model.get_output_embeddings(), LoRALinear)
         self.step: StepBatch | None = None
-        attention = [m for m in self.model.modules() if hasattr(m, "layer_idx") and getattr(m, "is_causal", False)]
-        if not attention:
-            raise ValueError(f"{type(self.model).__name__}: no attention layer uses transformers' attention interface")
-        for module in attention:
-            module.lora_kv = LayerKV(self)
+        self.paged_kernel = self.device.type == "cuda"
+        self.block_size = kv_block_size
+        self.layers = self._hook_attention()
+        shapes = [layer.shape for layer in self.layers]
+        budget = budget_bytes(kv_cache_memory, self.device)
+        plan = plan_cache(shapes, self.model.dtype, budget, kv_block_size, self.max_len, max_seqs)
+        self.kv = KVCache(plan, shapes, self.model.dtype, self.device)
+        for i, layer in enumerate(self.layers):
+            layer.paged = PagedAttention(self.kv.k[i], self.kv.v[i], kv_block_size, self.paged_kernel)
+        log.info(
+            "KV cache: %s in %d blocks of %d tokens (%d tokens, %d bytes per token; kv_cache_memory %s = %s); "
+            "max_model_len %d",
+            fmt_bytes(plan.nbytes),
+            plan.num_blocks,
+            plan.block_size,
+            plan.tokens,
+            plan.bytes_per_token,
+            kv_cache_memory,
+            fmt_bytes(budget),
+            self.max_len,
+        )
 
-    def make_step(self, seqs: list[tuple[int, list[int], int, int]]) -> StepBatch:
-        return make_step(seqs, self.device, self.lora.ops, self.lora_on_output)
+    def _hook_attention(self) -> list[LayerAttention]:
+        """Puts the engine's attention into every attention module and runs one token through the model
+        to learn each layer's K/V shape and check its arguments. Refuses what it cannot serve exactly."""
+        named = [
+            (n, m) for n, m in self.model.named_modules() if hasattr(m, "layer_idx") and getattr(m, "is_causal", False)
+        ]
+        if not named:
+            raise UnsupportedAttention(f"{self.arch}: no attention layer uses transformers' attention interface")
+        layers = []
+        for i, (name, module) in enumerate(named):
+            module.lora_attention = LayerAttention(self, i, name)
+            layers.append(module.lora_attention)
+        self.forward(self.make_step([SeqWork([0], [0], 0, -1)]))
+        missed = [layer.name for layer in layers if layer.shape is None]
+        if missed:
+            raise UnsupportedAttention(
+                f"{self.arch}: attention layer {missed[0]} does not go through transformers' attention interface"
+            )
+        return layers
+
+    def make_step(self, work: list[SeqWork]) -> StepBatch:
+        return make_step(work, self.device, self.lora.ops, self.block_size, self.paged_kernel, self.lora_on_output)
 
     @torch.inference_mode()
     def forward(self, step: StepBatch) -> torch.Tensor:
-        """-> logits [B, vocab] (fp32) at the last token of each sequence."""
+        """-> logits [B, vocab] (fp32) at the last token of each sampled sequence."""
         self.step, self.lora.step = step, step.lora
         try:
             out = self.model(

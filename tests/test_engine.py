@@ -109,6 +109,10 @@ def peft_logprobs(model, ids: list[int], adapter: str, out: list[int]) -> torch.
     return logprobs.gather(1, torch.tensor(out)[:, None])[:, 0]
 
 
+def all_blocks_free(engine: Engine) -> bool:
+    return sorted(engine.kv.free) == list(range(engine.kv.num_blocks))
+
+
 def total(engine: Engine, metric: str) -> float:
     return sum(v for (name, _), v in engine.metrics.values.items() if name == metric)
 
@@ -253,7 +257,7 @@ def test_model_loads_and_steps_on_the_engine_thread(assets, monkeypatch):
     finally:
         engine.shutdown()
     assert seen[0] == ("load", "lora-engine", 1)
-    assert set(seen[1:]) == {("step", "lora-engine", 1)} and len(seen) == 3
+    assert set(seen[1:]) == {("step", "lora-engine", 1)} and len(seen) == 4  # the probe at load, 2 steps
 
 
 # --------------------------------------------------------------------------------- 2. continuous batching
@@ -265,7 +269,7 @@ def test_requests_join_and_leave_between_steps(assets, peft_model, vocab):
     forward = engine.runner.forward
 
     def spy(batch):
-        seen.append([s.length for s in batch.seqs])
+        seen.append([n for _, n in batch.spans])
         return forward(batch)
 
     engine.runner.forward = spy
@@ -289,14 +293,15 @@ def test_requests_join_and_leave_between_steps(assets, peft_model, vocab):
         counts.append(len(engine.running))
         for c in collectors:
             seq = seqs[id(c)]
-            if c.done.is_set():  # a finished sequence has left and given its row and slot back
-                assert seq not in engine.running and seq.row in engine.free_rows
+            if c.done.is_set():  # a finished sequence has left and given its blocks and slot back
+                assert seq not in engine.running and not seq.blocks
             else:
-                assert seq in engine.running and seq.row not in engine.free_rows
-        assert len(engine.running) + len(engine.free_rows) == 4
+                assert seq in engine.running and seq.blocks
+        held = sum(len(s.blocks) for s in engine.running)
+        assert held + len(engine.kv.free) == engine.kv.num_blocks
     assert counts[0] == 4 and counts == sorted(counts, reverse=True) and counts[-1] == 0
     assert len(set(counts)) >= 3  # they left at different steps
-    assert sorted(engine.free_rows) == [0, 1, 2, 3] and not engine.waiting
+    assert all_blocks_free(engine) and not engine.waiting
     assert all(r == 0 for r in engine.adapters.refs)
     for req, c in zip(first + late, collectors):
         assert c.final.token_ids == peft_generate(peft_model, req.input_ids, req.lora_name, req.max_tokens)
@@ -317,9 +322,9 @@ def test_more_adapters_than_slots(assets, peft_model, vocab, engines):
     def check(batch):
         tokens = batch.lora.tokens
         token_slots = tokens.seg.token_slots.tolist() if tokens else [-1] * len(batch.input_ids)
-        for seq, s in zip(engine.running, batch.seqs):
+        for seq, (start, n) in zip(engine.running, batch.spans):
             name = seq.req.lora_name
-            if set(token_slots[s.start : s.start + s.length]) != {seq.slot}:
+            if set(token_slots[start : start + n]) != {seq.slot}:
                 violations.append(f"tokens of a {name or 'base'} request not mapped to its slot {seq.slot}")
             if not name:
                 continue
@@ -357,7 +362,7 @@ def test_more_adapters_than_slots(assets, peft_model, vocab, engines):
     assert total(engine, "lora_adapter_evictions_total") > 0
     assert total(engine, "lora_cache_misses_total") >= 4
     assert all(r == 0 for r in engine.adapters.refs)
-    assert sorted(engine.free_rows) == [0, 1, 2]
+    assert all_blocks_free(engine)
 
 
 # ------------------------------------------------------------------------------ 4. end_id and log-probs
@@ -541,7 +546,7 @@ def test_unreadable_adapter_fails_alone_and_engine_goes_on(assets, peft_model, v
     assert after.final.token_ids == outs[0].final.token_ids
 
 
-def test_cancellation_frees_row_and_slot(assets, peft_model, vocab):
+def test_cancellation_frees_blocks_and_slot(assets, peft_model, vocab):
     engine = make_engine(assets / "base", assets / "adapters", max_num_seqs=3)
     p = prompts(vocab, [6, 9], seed=23)
     cancel = threading.Event()
@@ -555,17 +560,18 @@ def test_cancellation_frees_row_and_slot(assets, peft_model, vocab):
         engine.step()
     assert outs[2].final.error.code == "CANCELLED" and outs[2].final.token_ids == []
     (victim,) = [s for s in engine.running if s.emit is outs[0]]
-    row, slot = victim.row, victim.slot
-    assert row not in engine.free_rows and engine.adapters.refs[slot] == 1 and len(outs[0].outputs) == 3
+    blocks, slot = list(victim.blocks), victim.slot
+    assert blocks and not set(blocks) & set(engine.kv.free)
+    assert engine.adapters.refs[slot] == 1 and len(outs[0].outputs) == 3
     cancel.set()
     engine.step()
     assert outs[0].final.error is not None and outs[0].final.error.code == "CANCELLED"
     assert outs[0].final.token_ids == [] and len(outs[0].outputs) == 4
-    assert victim not in engine.running and row in engine.free_rows and engine.adapters.refs[slot] == 0
+    assert victim not in engine.running and set(blocks) <= set(engine.kv.free) and engine.adapters.refs[slot] == 0
     assert len(engine.running) == 1 and not outs[1].done.is_set()
     drive(engine, outs)
     assert outs[1].final.token_ids == peft_generate(peft_model, p[1], "mlp-r64", 6)
-    assert sorted(engine.free_rows) == [0, 1, 2] and all(r == 0 for r in engine.adapters.refs)
+    assert all_blocks_free(engine) and all(r == 0 for r in engine.adapters.refs)
 
 
 # ------------------------------------------------------------------------------------------- 8. shutdown
@@ -701,7 +707,7 @@ def test_injected_failures_leave_no_leak(assets, peft_model, vocab, monkeypatch,
     for req, c in zip(reqs, outs):
         if c.final.error is None:
             assert c.token_ids == peft_generate(peft_model, req.input_ids, req.lora_name, 5)
-    assert sorted(engine.free_rows) == [0, 1, 2, 3] and not engine.running and not engine.waiting
+    assert all_blocks_free(engine) and not engine.running and not engine.waiting
     assert all(r == 0 for r in engine.adapters.refs)
     (after,) = run_all(engine, [request(p[0], "qv-r4", 5)])
     assert after.final.token_ids == peft_generate(peft_model, p[0], "qv-r4", 5)
@@ -723,7 +729,7 @@ def test_non_finite_logits_fail_only_their_sequence(assets, peft_model, vocab, m
     assert outs[1].final.error.code == "INTERNAL" and "non-finite" in outs[1].final.error.message
     assert outs[0].final.token_ids == peft_generate(peft_model, p[0], "qv-r4", 1)
     assert outs[2].final.token_ids == peft_generate(peft_model, p[2], "mlp-r64", 1)
-    assert sorted(engine.free_rows) == list(range(8)) and all(r == 0 for r in engine.adapters.refs)
+    assert all_blocks_free(engine) and all(r == 0 for r in engine.adapters.refs)
 
 
 def test_bounded_queue_and_deadline(assets):

@@ -1,0 +1,177 @@
+"""Attention over the paged KV cache for a flat batch of tokens from many sequences.
+
+Every token's K/V is written to its cache row first. Decode tokens (one per sequence) attend in one
+call: on a GPU the paged decode kernel reads K/V where they lie; on a CPU one gather of the rows and
+one SDPA measured fastest. A prefill chunk attends per sequence: to its own K/V when nothing is cached
+before it, else to its cached rows. Soft-capping and sinks, which SDPA lacks, take the explicit path.
+"""
+
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+
+# Arguments models pass to the attention interface that change nothing here (positions, masks and
+# caches are the engine's own), and those that change the math and are applied.
+IGNORED = {"position_ids", "cache_position", "use_cache", "output_attentions", "past_key_values", "is_causal"}
+APPLIED = {"dropout", "scaling", "sliding_window", "softcap", "s_aux"}
+
+
+class UnsupportedAttention(ValueError):
+    pass
+
+
+@dataclass(frozen=True)
+class AttnArgs:
+    scale: float
+    softcap: float = 0.0  # 0: none
+    window: int = 0  # 0: none; else the last `window` keys, the query's own included
+    sinks: torch.Tensor | None = None  # [Hq] one extra logit per head in the softmax denominator
+
+    @classmethod
+    def parse(cls, name: str, head_dim: int, kwargs: dict) -> "AttnArgs":
+        """Raises UnsupportedAttention for any argument that would change the result and is not applied."""
+        for key, value in kwargs.items():
+            if key == "is_causal" and value is False:
+                raise UnsupportedAttention(f"{name}: non-causal attention is not supported")
+            if key not in IGNORED | APPLIED and value is not None:
+                raise UnsupportedAttention(f"{name}: the attention argument {key!r} is not supported")
+        if kwargs.get("dropout"):
+            raise UnsupportedAttention(f"{name}: attention dropout {kwargs['dropout']} at inference")
+        scale = kwargs.get("scaling")
+        return cls(
+            scale=head_dim**-0.5 if scale is None else float(scale),
+            softcap=float(kwargs.get("softcap") or 0.0),
+            window=int(kwargs.get("sliding_window") or 0),
+            sinks=None if kwargs.get("s_aux") is None else kwargs["s_aux"].detach().float(),
+        )
+
+
+@dataclass(frozen=True)
+class DecodeMeta:
+    idx: torch.Tensor  # [Bd] position of each decode token in the step
+    block_tables: torch.Tensor  # [Bd, max_blocks] int32
+    seq_lens: torch.Tensor  # [Bd] int32, keys in the cache including the new token
+    history: torch.Tensor | None  # [Bd, n] cache rows of each sequence's keys, padding -> row 0 (CPU path)
+
+
+@dataclass(frozen=True)
+class PrefillMeta:
+    start: int  # first of its tokens in the step
+    length: int  # tokens it feeds this step
+    kv_len: int  # keys after this step
+    rows: torch.Tensor | None  # [kv_len] cache rows of its keys; None when nothing was cached before
+
+
+@dataclass(frozen=True)
+class AttentionMeta:
+    slots: torch.Tensor  # [T] cache row each token's K/V is written to
+    decode: DecodeMeta | None
+    prefills: tuple[PrefillMeta, ...]
+
+
+def build_meta(seqs, block_size: int, device: torch.device, paged_kernel: bool) -> AttentionMeta:
+    """seqs: (block table, start in the step, tokens fed, tokens cached before) per sequence, in step order."""
+    slots, decode, prefills = [], [], []
+    for table, start, length, cached in seqs:
+        slots += [table[p // block_size] * block_size + p % block_size for p in range(cached, cached + length)]
+        if length == 1:
+            decode.append((start, table, cached + 1))
+        else:
+            rows = None
+            if cached:
+                rows = [table[p // block_size] * block_size + p % block_size for p in range(cached + length)]
+                rows = torch.tensor(rows, dtype=torch.long, device=device)
+            prefills.append(PrefillMeta(start, length, cached + length, rows))
+    meta = None
+    if decode:
+        width = max(len(t) for _, t, _ in decode)
+        tables = torch.tensor([t + [0] * (width - len(t)) for _, t, _ in decode], dtype=torch.int32)
+        lens = torch.tensor([n for _, _, n in decode], dtype=torch.int32)
+        history = None
+        if not paged_kernel:
+            pos = torch.arange(int(lens.max()))
+            history = tables.long().gather(1, (pos // block_size).expand(len(decode), -1)) * block_size
+            history = torch.where(pos < lens[:, None], history + pos % block_size, 0).to(device)
+        meta = DecodeMeta(
+            torch.tensor([s for s, _, _ in decode], dtype=torch.long, device=device),
+            tables.to(device),
+            lens.to(device),
+            history,
+        )
+    return AttentionMeta(torch.tensor(slots, dtype=torch.long, device=device), meta, tuple(prefills))
+
+
+def attend(q, k, v, args: AttnArgs, q_start: int | torch.Tensor):
+    """q [B, Hq, Lq, D]; k, v [B, Hkv, Lk, D]; query i is at position q_start + i (q_start: [B] or int) and
+    sees the keys up to it (and within the window); keys past it are padding. -> [B, Hq, Lq, D]"""
+    lq, lk = q.shape[2], k.shape[2]
+    plain = not args.softcap and args.sinks is None
+    if plain and lq == lk and not (args.window and lk > args.window):
+        return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=args.scale, enable_gqa=True)
+    qpos = torch.as_tensor(q_start, device=q.device).view(-1, 1, 1) + torch.arange(lq, device=q.device)[:, None]
+    kpos = torch.arange(lk, device=q.device)
+    mask = kpos <= qpos  # [B or 1, Lq, Lk]
+    if args.window:
+        mask &= qpos - kpos < args.window
+    if plain:
+        return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], scale=args.scale, enable_gqa=True)
+    group = q.shape[1] // k.shape[1]
+    k, v = k.repeat_interleave(group, 1), v.repeat_interleave(group, 1)
+    scores = (q.float() @ k.float().transpose(-1, -2)) * args.scale
+    if args.softcap:
+        scores = torch.tanh(scores / args.softcap) * args.softcap
+    scores = scores.masked_fill(~mask[:, None], float("-inf"))
+    if args.sinks is not None:
+        sink = args.sinks.view(1, -1, 1, 1).expand(scores.shape[0], -1, lq, 1)
+        probs = torch.softmax(torch.cat([scores, sink], -1), -1)[..., :-1]
+    else:
+        probs = torch.softmax(scores, -1)
+    return (probs @ v.float()).to(q.dtype)
+
+
+class PagedAttention:
+    """One layer's attention over its K/V rows of the shared cache (k_cache, v_cache: [rows, Hkv, D])."""
+
+    def __init__(self, k_cache: torch.Tensor, v_cache: torch.Tensor, block_size: int, paged_kernel: bool):
+        self.k_cache, self.v_cache, self.block_size = k_cache, v_cache, block_size
+        self.kernel = None
+        if paged_kernel:
+            from kernels.paged_attention import paged_decode_attention
+
+            self.kernel = paged_decode_attention
+
+    def __call__(self, q, k, v, meta: AttentionMeta, args: AttnArgs) -> torch.Tensor:
+        # q: [1, Hq, T, D]; k, v: [1, Hkv, T, D] for the new tokens -> [1, T, Hq, D]
+        self.k_cache.index_copy_(0, meta.slots, k[0].transpose(0, 1))
+        self.v_cache.index_copy_(0, meta.slots, v[0].transpose(0, 1))
+        out = torch.empty(1, q.shape[2], q.shape[1], q.shape[3], dtype=q.dtype, device=q.device)
+        if meta.decode is not None:
+            out[0, meta.decode.idx] = self._decode(q[0, :, meta.decode.idx].transpose(0, 1), meta.decode, args)
+        for p in meta.prefills:
+            qs = q[:, :, p.start : p.start + p.length]
+            if p.rows is None:
+                ks, vs = k[:, :, p.start : p.start + p.length], v[:, :, p.start : p.start + p.length]
+            else:
+                ks, vs = self.k_cache[p.rows].transpose(0, 1)[None], self.v_cache[p.rows].transpose(0, 1)[None]
+            out[0, p.start : p.start + p.length] = attend(qs, ks, vs, args, p.kv_len - p.length)[0].transpose(0, 1)
+        return out
+
+    def _decode(self, q: torch.Tensor, d: DecodeMeta, args: AttnArgs) -> torch.Tensor:
+        # q: [Bd, Hq, D] -> [Bd, Hq, D]
+        if self.kernel is not None:
+            shape = (-1, self.block_size, *self.k_cache.shape[1:])  # [num_blocks, block_size, Hkv, D]
+            return self.kernel(
+                q.contiguous(),
+                self.k_cache.view(shape),
+                self.v_cache.view(shape),
+                d.block_tables,
+                d.seq_lens,
+                args.scale,
+                softcap=args.softcap,
+                window=args.window,
+                sinks=args.sinks,
+            )
+        k = self.k_cache[d.history].transpose(1, 2)  # [Bd, Hkv, n, D]
+        v = self.v_cache[d.history].transpose(1, 2)
+        return attend(q[:, :, None], k, v, args, d.seq_lens.long() - 1)[:, :, 0]
