@@ -93,7 +93,8 @@ def build_tokenizer(out_dir: Path, vocab_size: int = 1024) -> PreTrainedTokenize
 
 
 def build_base(out_dir: Path, arch: str = "llama", vocab_size: int = 1024, seed: int = 0, **config) -> Path:
-    """A random causal LM of the given architecture (llama, mistral, qwen2, gpt2), saved as safetensors."""
+    """A random causal LM of the given architecture (llama, mistral, qwen2, phi3, gemma2, gpt2), saved as
+    safetensors; `config` overrides the small sizes and anything else of the architecture's config."""
     torch.manual_seed(seed)
     sizes = dict(
         hidden_size=64,
@@ -103,18 +104,12 @@ def build_base(out_dir: Path, arch: str = "llama", vocab_size: int = 1024, seed:
         num_key_value_heads=2,
         max_position_embeddings=256,
         initializer_range=0.2,
+        tie_word_embeddings=False,
     )
     if arch == "gpt2":
-        sizes = dict(n_embd=64, n_layer=2, n_head=4, n_positions=256, initializer_range=0.2)
-    cfg = AutoConfig.for_model(
-        arch,
-        vocab_size=vocab_size,
-        bos_token_id=1,
-        eos_token_id=2,
-        pad_token_id=3,
-        tie_word_embeddings=False,
-        **{**sizes, **config},
-    )
+        sizes = dict(n_embd=64, n_layer=2, n_head=4, n_positions=256, initializer_range=0.2, tie_word_embeddings=False)
+    ids = dict(vocab_size=vocab_size, bos_token_id=1, eos_token_id=2, pad_token_id=3)
+    cfg = AutoConfig.for_model(arch, **ids, **{**sizes, **config})
     model = AutoModelForCausalLM.from_config(cfg, dtype=torch.float32)
     model.generation_config.eos_token_id = 2
     model.save_pretrained(out_dir)

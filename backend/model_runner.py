@@ -152,18 +152,12 @@ class ModelRunner:
         self.kv = KVCache(plan, shapes, self.model.dtype, self.device)
         for i, layer in enumerate(self.layers):
             layer.paged = PagedAttention(self.kv.k[i], self.kv.v[i], kv_block_size, self.paged_kernel)
-        log.info(
-            "KV cache: %s in %d blocks of %d tokens (%d tokens, %d bytes per token; kv_cache_memory %s = %s); "
-            "max_model_len %d",
-            fmt_bytes(plan.nbytes),
-            plan.num_blocks,
-            plan.block_size,
-            plan.tokens,
-            plan.bytes_per_token,
-            kv_cache_memory,
-            fmt_bytes(budget),
-            self.max_len,
+        self.kv_summary = (
+            f"KV cache {fmt_bytes(plan.nbytes)}: {plan.num_blocks} blocks of {plan.block_size} tokens, "
+            f"{plan.tokens} tokens at {plan.bytes_per_token} bytes each (kv_cache_memory {kv_cache_memory}: "
+            f"{fmt_bytes(budget)}); max_model_len {self.max_len}"
         )
+        log.info(self.kv_summary)
 
     def _hook_attention(self) -> list[LayerAttention]:
         """Puts the engine's attention into every attention module and runs one token through the model

@@ -8,10 +8,18 @@ from pathlib import Path
 from backend.config import context_length
 from backend.errors import invalid
 
+TOKENIZER_FILES = ("tokenizer.json", "tokenizer.model", "vocab.json")  # fast, SentencePiece, GPT-2 BPE
+
+
+def has_tokenizer(model_dir: Path) -> bool:
+    return any((Path(model_dir) / f).is_file() for f in TOKENIZER_FILES)
+
 
 class TextCodec:
     def __init__(self, model_dir: Path, max_model_len: int = 0):
         path = Path(model_dir) / "tokenizer.json"
+        if not has_tokenizer(model_dir):
+            raise ValueError(f"base model folder {model_dir} has no tokenizer (tokenizer.json or tokenizer.model)")
         if path.is_file():
             from tokenizers import Tokenizer
 
@@ -20,7 +28,10 @@ class TextCodec:
         else:
             from transformers import AutoTokenizer
 
-            self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+            try:
+                self.tokenizer = AutoTokenizer.from_pretrained(model_dir)
+            except Exception as e:
+                raise ValueError(f"base model folder {model_dir}: its tokenizer does not load: {e}") from e
             self._encode = lambda text, special=True: self.tokenizer(text, add_special_tokens=special).input_ids
         with_special, plain = self._encode("a"), self._encode("a", False)
         self.bos = with_special[0] if with_special[:1] != plain[:1] else None

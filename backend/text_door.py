@@ -26,6 +26,9 @@ class TextDoor:
 
     def initialize(self, args):
         cfg = EngineConfig.from_parameters(io.parameters(args))
+        io.log_settings(
+            args["model_name"], {"base_model": str(cfg.base_model), "max_model_len": str(cfg.max_model_len)}
+        )
         self.codec = TextCodec(cfg.base_model, cfg.max_model_len)
         self.stops = io.StopFiles()
         self.cancels = io.CancelWatch()

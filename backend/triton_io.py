@@ -31,6 +31,12 @@ def parameters(args: dict) -> dict[str, str]:
     return {k: v.get("string_value", "") for k, v in config.get("parameters", {}).items()}
 
 
+def log_settings(model: str, settings: dict[str, str], *more: str) -> None:
+    """One line in the server's log with the settings in effect (and what loading found)."""
+    line = " ".join(f"{k}={v}" for k, v in settings.items())
+    pb_utils.Logger.log_info(f"{model} settings: {line}" + "".join(f"; {m}" for m in more))
+
+
 def inputs(request) -> dict[str, np.ndarray]:
     return {t.name(): t.as_numpy() for t in request.inputs()}
 

@@ -20,6 +20,7 @@ DTYPES = {
     "end_id": ("INT32", np.int32),
     "stream": ("BOOL", np.bool_),
     "exclude_input_in_output": ("BOOL", np.bool_),
+    "stream_whole_chars": ("BOOL", np.bool_),
     "text_input": ("BYTES", np.object_),
 }
 

@@ -133,24 +133,69 @@ def vocab(peft_model) -> int:
 
 # ------------------------------------------------------------------------ 1. parity across architectures
 
+LLAMA3_ROPE = dict(
+    rope_type="llama3",
+    rope_theta=500000.0,
+    factor=32.0,
+    low_freq_factor=1.0,
+    high_freq_factor=4.0,
+    original_max_position_embeddings=8192,
+)
 ARCHS = {
-    # arch: (config overrides, adapter "a", adapter "b")
+    # name: (architecture, config overrides, adapter "a", adapter "b")
     "llama": (
+        "llama",
         {},
         dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
         dict(r=8, lora_alpha=16, target_modules="all-linear", use_rslora=True),
     ),
+    "llama3.2": (  # Llama-3.2-1B: llama3 rope scaling, tied embeddings, a 131,072-token context
+        "llama",
+        dict(rope_parameters=LLAMA3_ROPE, tie_word_embeddings=True, max_position_embeddings=131072, head_dim=16),
+        dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
+        dict(r=8, lora_alpha=16, target_modules="all-linear"),
+    ),
     "mistral": (
+        "mistral",
         {"sliding_window": 8},
         dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj", "o_proj"]),
         dict(r=8, lora_alpha=16, target_modules=["gate_proj", "up_proj", "down_proj"]),
     ),
     "qwen2": (  # layer 0 full attention, layer 1 a sliding window of 8
+        "qwen2",
         {"use_sliding_window": True, "sliding_window": 8, "max_window_layers": 1},
         dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
         dict(r=8, lora_alpha=32, target_modules="all-linear", rank_pattern={"down_proj": 2}),
     ),
+    "qwen2.5": (  # Qwen2.5-0.5B: q/k/v biases, tied embeddings, 14:2 heads (here 6:2)
+        "qwen2",
+        dict(tie_word_embeddings=True, hidden_size=96, num_attention_heads=6, num_key_value_heads=2),
+        dict(r=4, lora_alpha=8, target_modules=["q_proj", "k_proj", "v_proj"]),
+        dict(r=8, lora_alpha=16, target_modules="all-linear"),
+    ),
+    "phi3": (  # Phi-3-mini: fused qkv_proj and gate_up_proj, head_dim 96 (here 24: not a power of two)
+        "phi3",
+        dict(hidden_size=96, num_attention_heads=4, num_key_value_heads=4, sliding_window=8),
+        dict(r=4, lora_alpha=8, target_modules=["qkv_proj", "o_proj"]),
+        dict(r=8, lora_alpha=16, target_modules=["qkv_proj", "gate_up_proj", "down_proj"]),
+    ),
+    "gemma2": (  # Gemma-2: attention and final logit soft-capping, sliding and full layers alternating
+        "gemma2",
+        dict(
+            head_dim=16,
+            query_pre_attn_scalar=16,
+            attn_logit_softcapping=1.0,  # small enough to bite on random weights
+            final_logit_softcapping=30.0,
+            sliding_window=8,
+            num_hidden_layers=4,
+            tie_word_embeddings=True,
+            initializer_range=0.05,
+        ),
+        dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]),
+        dict(r=8, lora_alpha=16, target_modules="all-linear"),
+    ),
     "gpt2": (  # Conv1D layers: PEFT needs fan_in_fan_out
+        "gpt2",
         {},
         dict(r=4, lora_alpha=8, target_modules=["c_attn"], fan_in_fan_out=True),
         dict(r=8, lora_alpha=16, target_modules=["c_attn", "c_proj", "c_fc"], fan_in_fan_out=True),
@@ -162,22 +207,23 @@ ARCH_VOCAB = 256
 @pytest.fixture(scope="module", params=list(ARCHS))
 def arch_assets(request, tmp_path_factory):
     """(root, PeftModel with adapters "a" and "b") for one architecture."""
-    arch = request.param
-    overrides, lora_a, lora_b = ARCHS[arch]
-    root = tmp_path_factory.mktemp(arch)
+    name = request.param
+    arch, overrides, lora_a, lora_b = ARCHS[name]
+    root = tmp_path_factory.mktemp(name)
     base = build_base(root / "base", arch=arch, vocab_size=ARCH_VOCAB, **overrides)
     if arch == "qwen2":  # q/k/v have a bias: make it non-zero so that it counts
         model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
         torch.manual_seed(1)
         with torch.no_grad():
-            for name, p in model.named_parameters():
-                if name.endswith(("q_proj.bias", "k_proj.bias", "v_proj.bias")):
+            for n, p in model.named_parameters():
+                if n.endswith(("q_proj.bias", "k_proj.bias", "v_proj.bias")):
                     p.normal_(0, 0.5)
         model.save_pretrained(base)
     build_adapter(base, root / "adapters" / "a", seed=11, **lora_a)
     build_adapter(base, root / "adapters" / "b", seed=12, **lora_b)
-    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
-    if arch in ("mistral", "qwen2"):
+    # eager: transformers' plain attention, the one that applies every argument (soft-capping too)
+    model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32, attn_implementation="eager")
+    if "sliding_window" in overrides or name == "qwen2":
         assert model.config.sliding_window == 8
     model = PeftModel.from_pretrained(model, root / "adapters" / "a", adapter_name="a")
     model.load_adapter(root / "adapters" / "b", adapter_name="b")
@@ -186,11 +232,14 @@ def arch_assets(request, tmp_path_factory):
 
 def test_mixed_batch_matches_peft_per_architecture(arch_assets):
     """Base + two adapters (different ranks and targets) in one batch, prompts of 1..20 tokens
-    (longer than the sliding window of mistral / qwen2): each output equals PEFT's."""
+    (longer than the sliding windows), fed in chunks of at most 8 tokens, K/V in blocks of 4 tokens:
+    each output equals PEFT's."""
     root, model = arch_assets
     ps = prompts(ARCH_VOCAB, [3, 13, 20, 1], seed=3)
     cases = [(n, p) for p in ps[:3] for n in ["", "a", "b"]] + [("b", ps[3])]
-    engine = make_engine(root / "base", root / "adapters", max_num_seqs=len(cases))
+    engine = make_engine(
+        root / "base", root / "adapters", max_num_seqs=len(cases), max_prefill_tokens=8, kv_block_size=4
+    )
     try:
         outs = run_all(engine, [request(p, n, max_tokens=6) for n, p in cases])
     finally:
@@ -202,6 +251,13 @@ def test_mixed_batch_matches_peft_per_architecture(arch_assets):
         assert out.final.finish_reason == "length"
     # the adapters change the output (else the comparison proves little) ...
     assert len({tuple(r) for r in refs[6:9]}) == 3
+    if model.config.model_type == "gemma2":  # ... and so does soft-capping
+        with torch.no_grad(), model.disable_adapter():
+            logits = model(torch.tensor([ps[2]])).logits
+            for m in model.modules():
+                if hasattr(m, "attn_logit_softcapping"):
+                    m.attn_logit_softcapping = None
+            assert not torch.allclose(logits, model(torch.tensor([ps[2]])).logits, atol=1e-2)
     # ... and all three (base, a, b) ran in the same steps
     assert engine.metrics.get("lora_engine_max_adapters_per_step") == 3
 

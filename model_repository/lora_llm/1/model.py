@@ -6,20 +6,22 @@ import triton_python_backend_utils as pb_utils
 from backend import triton_io as io
 from backend.config import EngineConfig
 from backend.engine import Engine, Output
-from backend.errors import RequestError, internal
+from backend.errors import RequestError, internal, invalid
 from backend.metrics import TritonMetrics
 from backend.request import GenerationRequest, parse_request
-from backend.text import StreamChunker, TextCodec
+from backend.text import StreamChunker, TextCodec, has_tokenizer
 
 
 class TritonPythonModel:
     def initialize(self, args):
         cfg = EngineConfig.from_parameters(io.parameters(args))
+        self.base_model = cfg.base_model
         self.outbox = io.Outbox()
         self.cancels = io.CancelWatch()
         self.stops = io.StopFiles()
         self.engine = Engine(cfg, TritonMetrics(pb_utils, args["model_name"])).start()
-        self.codec = TextCodec(cfg.base_model)
+        io.log_settings(args["model_name"], cfg.as_parameters(), self.engine.runner.kv_summary)
+        self.codec = TextCodec(cfg.base_model) if has_tokenizer(cfg.base_model) else None  # token ids need none
         self.stops.publish_pid("lora_llm")  # the front doors watch this process
         self.watch = io.ServerWatch(
             on_stopping=lambda: self.engine.begin_shutdown(cfg.shutdown_grace_seconds),
@@ -39,6 +41,8 @@ class TritonPythonModel:
         req = parse_request(values, self.engine.limits)
         req.deadline = io.deadline(request)
         whole_chars = req.stream and io.scalar(values, "stream_whole_chars", False)
+        if whole_chars and self.codec is None:
+            raise invalid(f"stream_whole_chars needs a tokenizer; base model folder {self.base_model} has none")
         respond = Responder(
             sender,
             req,
