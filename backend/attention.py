@@ -17,6 +17,9 @@ IGNORED = {"position_ids", "cache_position", "use_cache", "output_attentions", "
 APPLIED = {"dropout", "scaling", "sliding_window", "softcap", "s_aux"}
 
 
+MASKED_SCORES_BYTES = 32 * 2**20  # a masked attention call's fp32 scores; longer chunks go in slices
+
+
 class UnsupportedAttention(ValueError):
     pass
 
@@ -109,6 +112,13 @@ def attend(q, k, v, args: AttnArgs, q_start: int | torch.Tensor):
     plain = not args.softcap and args.sinks is None
     if plain and lq == lk and not (args.window and lk > args.window):
         return F.scaled_dot_product_attention(q, k, v, is_causal=True, scale=args.scale, enable_gqa=True)
+    rows = max(1, MASKED_SCORES_BYTES // (q.shape[0] * q.shape[1] * lk * 4))
+    if lq > rows and isinstance(q_start, int):  # a long chunk after a long prefix: bound the scores' memory
+        parts = []
+        for i in range(0, lq, rows):
+            seen = q_start + i + rows  # keys past the slice's last query are masked anyway
+            parts.append(attend(q[:, :, i : i + rows], k[:, :, :seen], v[:, :, :seen], args, q_start + i))
+        return torch.cat(parts, 2)
     qpos = torch.as_tensor(q_start, device=q.device).view(-1, 1, 1) + torch.arange(lq, device=q.device)[:, None]
     kpos = torch.arange(lk, device=q.device)
     mask = kpos <= qpos  # [B or 1, Lq, Lk]

@@ -6,7 +6,7 @@ import pytest
 import torch
 from transformers import AttentionInterface
 
-from backend import model_runner
+from backend import attention, model_runner
 from backend.attention import AttnArgs, UnsupportedAttention, attend
 from backend.config import EngineConfig
 from backend.kv_cache import KVCache, LayerShape, parse_budget, plan_cache
@@ -150,10 +150,13 @@ def test_a_layer_that_bypasses_the_attention_interface_is_refused(assets, attent
         make_engine(assets / "base", assets / "adapters")
 
 
+@pytest.mark.parametrize("sliced", [False, True])
 @pytest.mark.parametrize("feature", ["plain", "window", "softcap", "sinks", "all"])
-def test_attend_matches_eager_attention(feature):
+def test_attend_matches_eager_attention(feature, sliced, monkeypatch):
     """attend() (SDPA, or the explicit path for soft-capping and sinks) against a plain reference,
     for a prompt chunk after cached keys and for decode tokens of different lengths."""
+    if sliced:  # a chunk after a long prefix goes in slices of queries: here of 2
+        monkeypatch.setattr(attention, "MASKED_SCORES_BYTES", 2 * 4 * 10 * 4)
     torch.manual_seed(0)
     args = AttnArgs(
         scale=0.3,

@@ -1,5 +1,10 @@
-"""Memory: the base weights are resident once whatever front door serves them, and each extra
-adapter costs about its own tensor bytes."""
+"""Memory: the base weights are resident once whatever front door serves them, each extra adapter
+costs about its own tensor bytes, and a long-context model stays within its KV-cache budget."""
+
+import random
+import subprocess
+import sys
+from concurrent.futures import ThreadPoolExecutor
 
 import psutil
 import pytest
@@ -8,6 +13,7 @@ import tritonclient.http as httpclient
 from backend.config import ENV_ADAPTER_DIR, ENV_BASE_MODEL, EngineConfig
 from backend.demo import build_adapter, build_model
 from backend.engine import Engine
+from client.api import generate
 from client.server import TritonServer
 
 MB = 2**20
@@ -87,3 +93,76 @@ def test_memory_per_adapter_is_its_tensor_bytes(tmp_path, capsys):
             print(f"{name:>7} {r:>5} {nbytes / MB:>10.2f} {grown / MB:>14.2f}")
     for name, _, nbytes, grown in rows:
         assert grown < 1.25 * nbytes + 1 * MB, name
+
+
+@pytest.fixture(scope="module")
+def long_context(tmp_path_factory):
+    """A tiny Llama (hidden 64, 2 layers) with a 131,072-token context: 1 KiB of K/V per token."""
+    root = tmp_path_factory.mktemp("long")
+    build_model(
+        root / "base",
+        vocab_size=512,
+        num_attention_heads=4,
+        num_key_value_heads=4,
+        max_position_embeddings=131072,
+    )
+    build_adapter(root / "base", root / "adapters" / "a", r=8, lora_alpha=16, target_modules="all-linear")
+    return root
+
+
+def runtime_rss() -> int:
+    """Resident bytes of a Python process that has imported what the engine's stub imports."""
+    code = "import psutil, torch, transformers, peft, backend.engine; print(psutil.Process().memory_info().rss)"
+    return int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
+
+
+def test_a_long_context_model_stays_within_its_kv_budget(long_context, capsys):
+    """32 concurrent requests on a 131,072-token model: the engine's process holds the runtime, the
+    weights and the KV budget, and no more (before the paged cache it grew to 2.56 GB)."""
+    budget = 256 * MB  # two full-length sequences
+    env = {
+        ENV_BASE_MODEL: str(long_context / "base"),
+        ENV_ADAPTER_DIR: str(long_context / "adapters"),
+        "LORA_KV_CACHE_MEMORY": "256MiB",
+    }
+    weights = (long_context / "base" / "model.safetensors").stat().st_size
+    with TritonServer(env=env, models=["lora_llm"]) as server:
+        stub = server.processes()["lora_llm_0_0"]
+        ready = stub.memory_info().rss
+        rng = random.Random(0)
+        reqs = [[1] + [rng.randrange(4, 512) for _ in range(rng.randrange(50, 2000))] for _ in range(32)]
+        with ThreadPoolExecutor(32) as pool:
+            outs = list(
+                pool.map(
+                    lambda i: generate(
+                        server.grpc_url, "lora_llm", input_ids=reqs[i], lora_name="a" if i % 2 else None, max_tokens=16
+                    ),
+                    range(32),
+                )
+            )
+        after = stub.memory_info().rss
+    runtime = runtime_rss()
+    with capsys.disabled():
+        print(
+            f"\n131,072-token context: runtime {runtime / MB:.0f} MB, weights {weights / MB:.1f} MB, "
+            f"KV budget {budget / MB:.0f} MB; lora_llm resident at ready {ready / MB:.0f} MB, "
+            f"after 32 concurrent requests {after / MB:.0f} MB"
+        )
+    assert all(len(o.token_ids) == 16 for o in outs)
+    # past the KV budget: activations of 2048-token steps, and oneDNN's cache of kernels per shape
+    assert after <= runtime + weights + budget + 160 * MB
+    assert after - ready < 160 * MB
+
+
+def test_a_budget_short_of_one_full_length_sequence_fails_the_load(long_context):
+    env = {
+        ENV_BASE_MODEL: str(long_context / "base"),
+        ENV_ADAPTER_DIR: str(long_context / "adapters"),
+        "LORA_KV_CACHE_MEMORY": "64MiB",
+    }
+    with pytest.raises(RuntimeError) as e:
+        TritonServer(env=env, models=["lora_llm"]).start(timeout=120)
+    assert (
+        "the KV cache budget 64.0 MiB (67108864 bytes) holds 65536 tokens at 1024 bytes per token; "
+        "one sequence of max_model_len 131072 needs 128.0 MiB. Raise kv_cache_memory or lower max_model_len."
+    ) in str(e.value)
