@@ -6,6 +6,7 @@ one SDPA measured fastest. A prefill chunk attends per sequence: to its own K/V 
 before it, else to its cached rows. Soft-capping and sinks, which SDPA lacks, take the explicit path.
 """
 
+import os
 from dataclasses import dataclass
 
 import torch
@@ -71,6 +72,15 @@ class AttentionMeta:
     slots: torch.Tensor  # [T] cache row each token's K/V is written to
     decode: DecodeMeta | None
     prefills: tuple[PrefillMeta, ...]
+
+
+def use_kernel(backend: str, device: torch.device) -> bool:
+    """Whether decode attention runs the paged Triton kernel; on a CPU that is Triton's interpreter."""
+    if backend not in ("auto", "triton", "torch"):
+        raise ValueError(f"attention_backend must be auto, triton or torch, got {backend!r}")
+    if backend == "triton" and device.type != "cuda":
+        os.environ["TRITON_INTERPRET"] = "1"  # before the kernel is imported (see kernels/__init__.py)
+    return backend == "triton" or (backend == "auto" and device.type == "cuda")
 
 
 def build_meta(seqs, block_size: int, device: torch.device, paged_kernel: bool) -> AttentionMeta:

@@ -23,6 +23,7 @@ class EngineConfig:
     max_loras: int = 8  # adapter slots: distinct adapters in one batch
     max_lora_rank: int = 64
     lora_backend: str = "auto"  # auto = triton on cuda, torch on cpu; triton on cpu runs Triton's interpreter
+    attention_backend: str = "auto"  # decode attention: auto = triton (paged kernel) on cuda, torch on cpu
     lora_target_modules: str = "all-linear"  # layers that can take a LoRA: all-linear, a regex or name,name
     max_num_seqs: int = 32  # sequences in the running batch
     num_threads: int = 0  # torch (OpenMP) threads of the engine; 0 = the cores this process may use

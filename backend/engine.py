@@ -101,6 +101,7 @@ class Engine:
             lora_backend=cfg.lora_backend,
             kv_cache_memory=cfg.kv_cache_memory,
             kv_block_size=cfg.kv_block_size,
+            attention_backend=cfg.attention_backend,
         )
         self.kv = self.runner.kv
         store = AdapterStore(

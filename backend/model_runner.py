@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from transformers import AttentionInterface, AutoModelForCausalLM
 
-from backend import dense, lora_ops
+from backend import attention, dense, lora_ops
 from backend.attention import AttentionMeta, AttnArgs, PagedAttention, UnsupportedAttention, build_meta
 from backend.config import context_length
 from backend.kv_cache import KVCache, LayerShape, budget_bytes, fmt_bytes, plan_cache
@@ -121,6 +121,7 @@ class ModelRunner:
         lora_backend: str = "auto",
         kv_cache_memory: str = "auto",
         kv_block_size: int = 16,
+        attention_backend: str = "auto",
     ):
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation=ATTENTION)
         self.model.to(device).eval()
@@ -143,7 +144,7 @@ class ModelRunner:
             dense.own_memory(self.model)
         self.lora_on_output = isinstance(self.model.get_output_embeddings(), LoRALinear)
         self.step: StepBatch | None = None
-        self.paged_kernel = self.device.type == "cuda"
+        self.paged_kernel = attention.use_kernel(attention_backend, self.device)
         self.block_size = kv_block_size
         self.layers = self._hook_attention()
         shapes = [layer.shape for layer in self.layers]

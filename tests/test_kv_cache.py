@@ -203,3 +203,18 @@ def test_settings_come_from_the_environment_too(tmp_path):
     assert shown["allow_adapter_symlinks"] == "true"
     with pytest.raises(ValueError, match="setting LORA_MAX_NUM_SEQS: invalid literal"):
         EngineConfig.from_parameters({}, env={"LORA_MAX_NUM_SEQS": "many"})
+
+
+def test_the_paged_kernel_serves_the_engine_exactly(assets, peft_model, vocab):
+    """attention_backend=triton (the paged decode kernel; here under Triton's interpreter) in a mixed,
+    chunked batch with K/V in blocks of 4 tokens: every greedy output equals PEFT's."""
+    engine = make_engine(
+        assets / "base", assets / "adapters", attention_backend="triton", kv_block_size=4, max_prefill_tokens=8
+    )
+    assert engine.runner.layers[0].paged.kernel is not None
+    p = prompts(vocab, [3, 13, 20, 1, 9], seed=61)
+    names = ["", "qv-r4", "mlp-r64", "all-r16-pattern", "qv-r4"]
+    outs = run_all(engine, [request(ids, n, 5) for ids, n in zip(p, names)])
+    engine.shutdown()
+    for ids, n, out in zip(p, names, outs):
+        assert out.final.token_ids == peft_generate(peft_model, ids, n, 5), n
