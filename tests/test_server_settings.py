@@ -3,26 +3,26 @@ and the log, chunked prefill seen by a client (a short request behind a long pro
 folder without a tokenizer (lora_llm serves ids, the text models refuse to load)."""
 
 import json
+import queue
 import shutil
-import threading
-import time
 
 import pytest
+import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
 from tritonclient.utils import InferenceServerException
 
 from backend.config import ENV_ADAPTER_DIR, ENV_BASE_MODEL
-from client.api import generate, stream
+from client.api import generate, make_inputs
 from client.server import TritonServer
 from tests.conftest import peft_generate
 from tests.test_engine import prompts
 
-CHUNK = 8
+CHUNK = 4
 
 
 @pytest.fixture(scope="module")
 def chunked(assets):
-    """lora_llm with prompts fed 8 tokens per step and a 240-token context, set by environment variables."""
+    """lora_llm with prompts fed 4 tokens per step and a 240-token context, set by environment variables."""
     env = {
         ENV_BASE_MODEL: str(assets / "base"),
         ENV_ADAPTER_DIR: str(assets / "adapters"),
@@ -37,7 +37,7 @@ def chunked(assets):
 def test_the_log_shows_the_settings_in_effect(chunked, assets):
     log = chunked.log_path.read_text()
     assert f"lora_llm settings: base_model={assets / 'base'} adapter_dir={assets / 'adapters'} " in log
-    assert " max_model_len=240 max_prefill_tokens=8 kv_cache_memory=2MiB kv_block_size=16 " in log
+    assert " max_model_len=240 max_prefill_tokens=4 kv_cache_memory=2MiB kv_block_size=16 " in log
     assert "KV cache 2.0 MiB: 256 blocks of 16 tokens, 4096 tokens at 512 bytes each" in log
 
 
@@ -59,28 +59,30 @@ def test_a_config_given_at_load_is_served_and_shown(assets, tmp_path):
 
 
 def test_a_short_request_behind_a_long_prompt_comes_first(chunked, peft_model):
-    """A 200-token prompt (25 chunks of 8) and, sent just after it, a 5-token one: the short request has
-    all its 3 tokens before the long one has its first; the long prompt took at least 25 steps."""
+    """A 200-token prompt (50 chunks of 4) and, sent just after it on the same gRPC stream, a 5-token
+    one: the short request has all its 3 tokens before the long one has its first; the long prompt
+    took at least 50 steps."""
     vocab = peft_model.get_input_embeddings().num_embeddings
     long_p, short_p = prompts(vocab, [200, 5], seed=51)
-    events: list[tuple[str, int]] = []
-    lock = threading.Lock()
-
-    def run(name, ids, adapter, n):
-        for chunk in stream(chunked.grpc_url, "lora_llm", input_ids=ids, lora_name=adapter, max_tokens=n, stream=True):
-            with lock:
-                events.extend((name, t) for t in chunk.token_ids)
-
+    events: queue.Queue = queue.Queue()
+    client = grpcclient.InferenceServerClient(chunked.grpc_url)
+    client.start_stream(callback=lambda result, error: events.put((result, error)))
     steps_before = chunked.metric("lora_engine_steps_total")
-    long_call = threading.Thread(target=run, args=("long", long_p, "qv-r4", 4))
-    long_call.start()
-    time.sleep(0.05)  # sent after the long one
-    run("short", short_p, "mlp-r64", 3)
-    long_call.join(60)
-    names = [n for n, _ in events]
+    for rid, ids, adapter, n in [("long", long_p, "qv-r4", 4), ("short", short_p, "mlp-r64", 3)]:
+        values = dict(input_ids=ids, lora_name=adapter, max_tokens=n, stream=True)
+        client.async_stream_infer("lora_llm", make_inputs(grpcclient, **values), request_id=rid)
+    seen: list[tuple[str, int]] = []
+    while len(seen) < 7:
+        result, error = events.get(timeout=60)
+        assert error is None, error
+        rid = result.get_response().id
+        seen += [(rid, t) for t in result.as_numpy("output_ids").reshape(-1).tolist()]
+    client.stop_stream()
+    client.close()
+    names = [n for n, _ in seen]
     assert names == ["short"] * 3 + ["long"] * 4, names
-    assert [t for n, t in events if n == "short"] == peft_generate(peft_model, short_p, "mlp-r64", 3)
-    assert [t for n, t in events if n == "long"] == peft_generate(peft_model, long_p, "qv-r4", 4)
+    assert [t for n, t in seen if n == "short"] == peft_generate(peft_model, short_p, "mlp-r64", 3)
+    assert [t for n, t in seen if n == "long"] == peft_generate(peft_model, long_p, "qv-r4", 4)
     steps = chunked.metric("lora_engine_steps_total") - steps_before
     assert 200 // CHUNK + 3 <= steps <= 200 // CHUNK + 1 + 3 + 3, steps  # chunks, decodes; the short ones overlap
 
