@@ -6,7 +6,6 @@ one SDPA measured fastest. A prefill chunk attends per sequence: to its own K/V 
 before it, else to its cached rows. Soft-capping and sinks, which SDPA lacks, take the explicit path.
 """
 
-import os
 from dataclasses import dataclass
 
 import torch
@@ -74,27 +73,22 @@ class AttentionMeta:
     prefills: tuple[PrefillMeta, ...]
 
 
-def use_kernel(backend: str, device: torch.device) -> bool:
-    """Whether decode attention runs the paged Triton kernel; on a CPU that is Triton's interpreter."""
-    if backend not in ("auto", "triton", "torch"):
-        raise ValueError(f"attention_backend must be auto, triton or torch, got {backend!r}")
-    if backend == "triton" and device.type != "cuda":
-        os.environ["TRITON_INTERPRET"] = "1"  # before the kernel is imported (see kernels/__init__.py)
-    return backend == "triton" or (backend == "auto" and device.type == "cuda")
+def cache_rows(table: list[int], start: int, end: int, block_size: int) -> list[int]:
+    """Cache rows of positions start..end-1 of a sequence whose blocks are `table`."""
+    return [table[p // block_size] * block_size + p % block_size for p in range(start, end)]
 
 
 def build_meta(seqs, block_size: int, device: torch.device, paged_kernel: bool) -> AttentionMeta:
     """seqs: (block table, start in the step, tokens fed, tokens cached before) per sequence, in step order."""
     slots, decode, prefills = [], [], []
     for table, start, length, cached in seqs:
-        slots += [table[p // block_size] * block_size + p % block_size for p in range(cached, cached + length)]
+        slots += cache_rows(table, cached, cached + length, block_size)
         if length == 1:
             decode.append((start, table, cached + 1))
         else:
             rows = None
             if cached:
-                rows = [table[p // block_size] * block_size + p % block_size for p in range(cached + length)]
-                rows = torch.tensor(rows, dtype=torch.long, device=device)
+                rows = torch.tensor(cache_rows(table, 0, cached + length, block_size), dtype=torch.long, device=device)
             prefills.append(PrefillMeta(start, length, cached + length, rows))
     meta = None
     if decode:

@@ -61,6 +61,11 @@ class Sequence:
     out_logprobs: list[float] = field(default_factory=list)
     generator: torch.Generator | None = None
 
+    def feed(self, n: int) -> SeqWork:
+        """Its next n tokens for a step; it samples when they reach its last token."""
+        end = self.cached + n
+        return SeqWork(self.blocks, self.tokens[self.cached : end], self.cached, self.slot, end == len(self.tokens))
+
 
 class Engine:
     def __init__(self, cfg: EngineConfig, metrics: Metrics | None = None):
@@ -236,14 +241,11 @@ class Engine:
         if not work:
             return
         self.metrics.step({s.req.lora_name for s, _ in work})
-        sampled = [(s, n) for s, n in work if s.cached + n == len(s.tokens)]
+        fed = [s.feed(n) for s, n in work]
+        sampled = [s for (s, _), w in zip(work, fed) if w.sample]  # its prompt is all in: it gets a token
         try:
-            batch = self.runner.make_step(
-                [SeqWork(s.blocks, s.tokens[s.cached : s.cached + n], s.cached, s.slot, s.cached + n == len(s.tokens))
-                 for s, n in work]
-            )  # fmt: skip
-            logits = self.runner.forward(batch)
-            tokens, logprobs = sample(logits, [s.req.sampling for s, _ in sampled], [s.generator for s, _ in sampled])
+            logits = self.runner.forward(self.runner.make_step(fed))
+            tokens, logprobs = sample(logits, [s.req.sampling for s in sampled], [s.generator for s in sampled])
         except Exception as e:  # a failed step fails its requests, not the server
             log.exception("engine step failed")
             for seq in list(self.running):
@@ -251,7 +253,7 @@ class Engine:
             return
         for seq, n in work:
             seq.cached += n
-        for (seq, _), tok, lp in zip(sampled, tokens, logprobs):
+        for seq, tok, lp in zip(sampled, tokens, logprobs):
             if tok is None:  # this sequence's logits are not finite: it alone fails
                 self._finish(seq, error=internal("the model produced non-finite logits for this request"))
             else:
@@ -275,14 +277,17 @@ class Engine:
 
     def _preempt(self, seq: Sequence) -> None:
         """Frees the sequence's blocks and slot; it waits first in line, to be fed again from its first token."""
-        self.running.remove(seq)
-        self.kv.release(seq.blocks)
-        if seq.slot >= 0:
-            self.adapters.release(seq.slot)
+        self._leave_running(seq)
         seq.slot, seq.cached, seq.passed_over = -1, 0, False
         self.waiting.appendleft(seq)
         self.metrics.inc("lora_engine_preemptions_total")
         log.info("KV cache full: request %s preempted after %d tokens", seq.req.id, len(seq.out_ids))
+
+    def _leave_running(self, seq: Sequence) -> None:
+        self.running.remove(seq)
+        self.kv.release(seq.blocks)
+        if seq.slot >= 0:
+            self.adapters.release(seq.slot)
 
     def _admit(self) -> None:
         """Waiting sequences join in order while there is a running place, KV blocks for all their tokens
@@ -333,10 +338,7 @@ class Engine:
     def _finish(self, seq: Sequence, reason: str | None = None, error: RequestError | None = None) -> None:
         self.metrics.tokens(seq.req.lora_name, len(seq.out_ids))  # published by whoever sends the answer
         if seq in self.running:
-            self.running.remove(seq)
-            self.kv.release(seq.blocks)
-            if seq.slot >= 0:
-                self.adapters.release(seq.slot)
+            self._leave_running(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
         if error is not None:

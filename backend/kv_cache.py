@@ -2,14 +2,11 @@
 holds a block table (block ids in order) that grows as it does; nothing is reserved for the context it
 might reach. The pool is sized from a memory budget and allocated when the model loads."""
 
-import logging
 import math
 import re
 from dataclasses import dataclass
 
 import torch
-
-log = logging.getLogger("lora_engine")
 
 GiB = 2**30
 CPU_DEFAULT_BYTES = 1 * GiB

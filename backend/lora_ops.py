@@ -15,7 +15,16 @@ import torch
 from kernels.segments import Segments, segment_tokens, sorted_segments
 
 BACKENDS = ("auto", "triton", "torch")
-__all__ = ["BACKENDS", "LoRAOps", "Rows", "Segments", "SlotWeights", "segment_tokens", "sorted_segments"]
+__all__ = [
+    "BACKENDS",
+    "LoRAOps",
+    "pick_backend",
+    "Rows",
+    "Segments",
+    "SlotWeights",
+    "segment_tokens",
+    "sorted_segments",
+]
 
 
 @dataclass
@@ -137,17 +146,23 @@ class Rows:
     layout: Layout | None  # the torch path's
 
 
+def pick_backend(setting: str, device: str | torch.device, name: str) -> str:
+    """ "triton" or "torch" for a backend setting (auto: triton on a GPU, torch on a CPU). Triton without
+    a GPU runs the same kernels in Triton's interpreter, chosen here, before any kernel is imported."""
+    if setting not in BACKENDS:
+        raise ValueError(f"{name} must be one of {BACKENDS}, got {setting!r}")
+    on_gpu = torch.device(device).type == "cuda"
+    backend = ("triton" if on_gpu else "torch") if setting == "auto" else setting
+    if backend == "triton" and not on_gpu:
+        os.environ["TRITON_INTERPRET"] = "1"
+    return backend
+
+
 class LoRAOps:
     def __init__(self, backend: str, device: str | torch.device):
-        if backend not in BACKENDS:
-            raise ValueError(f"lora_backend must be one of {BACKENDS}, got {backend!r}")
-        on_gpu = torch.device(device).type == "cuda"
-        self.backend = ("triton" if on_gpu else "torch") if backend == "auto" else backend
-        self.batched = not on_gpu  # the batched path (torch._grouped_mm) is for a CPU; a GPU has the kernels
+        self.backend = pick_backend(backend, device, "lora_backend")
+        self.batched = torch.device(device).type != "cuda"  # the batched path (torch._grouped_mm) is for a CPU
         if self.backend == "triton":
-            if not on_gpu:
-                # No GPU: the same kernels, run by Triton's interpreter (decided when they are imported).
-                os.environ["TRITON_INTERPRET"] = "1"
             from kernels.lora_expand import lora_expand  # here: after the interpreter was chosen
             from kernels.lora_shrink import lora_shrink
 

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from transformers import AttentionInterface, AutoModelForCausalLM
 
-from backend import attention, dense, lora_ops
+from backend import dense, lora_ops
 from backend.attention import AttentionMeta, AttnArgs, PagedAttention, UnsupportedAttention, build_meta
 from backend.config import context_length
 from backend.kv_cache import KVCache, LayerShape, budget_bytes, fmt_bytes, plan_cache
@@ -80,8 +80,8 @@ class LayerAttention:
     """The engine's attention for one attention module. Before the cache exists (the probe forward at
     load) it records the layer's K/V shape and checks the arguments the model passes."""
 
-    def __init__(self, runner: "ModelRunner", index: int, name: str):
-        self.runner, self.index, self.name = runner, index, name
+    def __init__(self, runner: "ModelRunner", name: str):
+        self.runner, self.name = runner, name
         self.shape: LayerShape | None = None
         self.args: AttnArgs | None = None
         self.arg_names: frozenset[str] = frozenset()
@@ -144,7 +144,7 @@ class ModelRunner:
             dense.own_memory(self.model)
         self.lora_on_output = isinstance(self.model.get_output_embeddings(), LoRALinear)
         self.step: StepBatch | None = None
-        self.paged_kernel = attention.use_kernel(attention_backend, self.device)
+        self.paged_kernel = lora_ops.pick_backend(attention_backend, self.device, "attention_backend") == "triton"
         self.block_size = kv_block_size
         self.layers = self._hook_attention()
         shapes = [layer.shape for layer in self.layers]
@@ -169,8 +169,8 @@ class ModelRunner:
         if not named:
             raise UnsupportedAttention(f"{self.arch}: no attention layer uses transformers' attention interface")
         layers = []
-        for i, (name, module) in enumerate(named):
-            module.lora_attention = LayerAttention(self, i, name)
+        for name, module in named:
+            module.lora_attention = LayerAttention(self, name)
             layers.append(module.lora_attention)
         self.forward(self.make_step([SeqWork([0], [0], 0, -1)]))
         missed = [layer.name for layer in layers if layer.shape is None]
