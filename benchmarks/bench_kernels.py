@@ -15,10 +15,8 @@ Writes <out>/kernels-<device>-<date>.csv and .md, <out>/paged-attention-<device>
 """
 
 import argparse
-import csv
 import datetime
 import os
-import re
 import statistics
 import sys
 import time
@@ -32,6 +30,7 @@ if not torch.cuda.is_available():
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 from backend.lora_ops import LoRAOps, SlotWeights  # noqa: E402
+from benchmarks.report import slug, write_csv  # noqa: E402
 from kernels.lora_expand import lora_expand, lora_expand_ref  # noqa: E402
 from kernels.lora_shrink import lora_shrink, lora_shrink_ref  # noqa: E402
 from kernels.paged_attention import decode_config, paged_decode_attention, paged_decode_attention_ref  # noqa: E402
@@ -196,13 +195,9 @@ def run(smoke: bool) -> tuple[list[dict], dict]:
 
 
 def write(rows: list[dict], info: dict, out: Path, commit: str) -> Path:
-    out.mkdir(parents=True, exist_ok=True)
     date = datetime.date.today().isoformat()
-    stem = out / f"kernels-{re.sub(r'[^a-z0-9]+', '-', info['device'].lower()).strip('-')[:40]}-{date}"
-    with open(stem.with_suffix(".csv"), "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    stem = out / f"kernels-{slug(info['device'])}-{date}"
+    write_csv(rows, stem.with_suffix(".csv"))
     target = next((r for r in rows if (r["tokens"], r["rank"], r["adapters"]) == (64, 16, 64)), None)
     lines = [
         "# LoRA shrink + expand kernels",
@@ -314,13 +309,9 @@ def run_paged(smoke: bool, bandwidth: float) -> list[dict]:
 
 
 def write_paged(rows: list[dict], info: dict, out: Path, commit: str) -> Path:
-    out.mkdir(parents=True, exist_ok=True)
     date = datetime.date.today().isoformat()
-    stem = out / f"paged-attention-{re.sub(r'[^a-z0-9]+', '-', info['device'].lower()).strip('-')[:40]}-{date}"
-    with open(stem.with_suffix(".csv"), "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    stem = out / f"paged-attention-{slug(info['device'])}-{date}"
+    write_csv(rows, stem.with_suffix(".csv"))
     lines = [
         "# Paged decode attention",
         "",

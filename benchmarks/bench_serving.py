@@ -10,7 +10,6 @@ Writes <out>/serving-<machine>-<date>.md, .csv and .png (default out: benchmarks
 """
 
 import argparse
-import csv
 import datetime
 import json
 import os
@@ -24,6 +23,7 @@ from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
+from benchmarks.report import slug, write_csv  # noqa: E402
 from benchmarks.workloads import ANCHOR, ONE_B, QUICK, Workload, build_assets, workloads  # noqa: E402
 
 SYSTEMS = ["peft", "engine", "server"]
@@ -172,17 +172,9 @@ def commit() -> str:
     return head + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
 
 
-def slug(text: str) -> str:
-    return re.sub(r"[^a-z0-9]+", "-", text.lower()).strip("-")[:40]
-
-
 def write(rows, loads, info: dict, out: Path) -> Path:
-    out.mkdir(parents=True, exist_ok=True)
     stem = out / f"serving-{info['shape_name']}-{slug(info['machine'])}-{info['date']}"
-    with open(stem.with_suffix(".csv"), "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
-        writer.writeheader()
-        writer.writerows(rows)
+    write_csv(rows, stem.with_suffix(".csv"))
     lines = [
         "# Serving benchmark: many LoRA adapters",
         "",

@@ -30,7 +30,8 @@ import psutil
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from backend.demo import DEMO_ADAPTERS, build_demo  # noqa: E402
-from benchmarks.bench_serving import commit, machine, slug  # noqa: E402
+from benchmarks.bench_serving import commit, machine  # noqa: E402
+from benchmarks.report import slug  # noqa: E402
 from client.api import InferenceServerException, infer, stream  # noqa: E402
 from client.server import TritonServer  # noqa: E402
 
