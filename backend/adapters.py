@@ -1,9 +1,12 @@
 """Reading PEFT LoRA adapter folders with PEFT's own semantics, validated against the base model."""
 
+import hashlib
 import json
 import math
+import os
 import re
 import struct
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -66,14 +69,30 @@ class ModuleLoRA:
         return self.a.shape[0]
 
 
-@dataclass(frozen=True)
+FileStamp = tuple[int, int, int]  # (inode, size, mtime ns): changes when a file is replaced or rewritten
+Stamp = tuple[FileStamp, FileStamp | None]  # adapter_config.json, adapter_model.safetensors (None: missing)
+
+
+def file_stamp(st: os.stat_result) -> FileStamp:
+    return st.st_ino, st.st_size, st.st_mtime_ns
+
+
+@dataclass(frozen=True, eq=False)
 class Adapter:
+    """One version of an adapter as read from its folder. Its tensors keep the file's dtype and view
+    the bytes read (`nbytes`, what the host tier holds); a slot converts them when it is filled."""
+
     name: str
     modules: dict[str, ModuleLoRA]
+    version: str = ""  # content hash of adapter_config.json + adapter_model.safetensors
+    stamp: Stamp | None = None  # the files as they were read
+    read_at: float = 0.0  # time.monotonic() when the read began
+    nbytes: int = 0
 
-    @property
-    def nbytes(self) -> int:
-        return sum(m.a.nbytes + m.b.nbytes for m in self.modules.values())
+
+def stamp_bytes(stamp: Stamp) -> int:
+    """Bytes the host tier holds for an adapter whose files have this stamp."""
+    return stamp[0][1] + (stamp[1][1] if stamp[1] else 0)
 
 
 def check_name(name: str) -> None:
@@ -115,14 +134,12 @@ class AdapterStore:
         shapes: dict[str, tuple[int, int]],
         base_modules: list[str],
         max_rank: int,
-        dtype: torch.dtype,
         allow_symlinks: bool = False,
     ):
         self.root = Path(root)
         self.shapes = shapes
         self.base_modules = base_modules
         self.max_rank = max_rank
-        self.dtype = dtype
         self.allow_symlinks = allow_symlinks
         # the largest file a valid adapter can be: every layer at the highest rank in fp32, and its header
         self.max_file_bytes = sum(d_in + d_out for d_in, d_out in shapes.values()) * max_rank * 4 + 2**20
@@ -134,23 +151,47 @@ class AdapterStore:
             raise not_found(name)
         return folder
 
+    def stamp(self, name: str) -> Stamp:
+        """The adapter's files as they are now (a few stat calls); NOT_FOUND without its folder."""
+        folder = self.folder(name)
+        try:
+            config = file_stamp((folder / CONFIG_FILE).stat())
+        except FileNotFoundError:
+            raise not_found(name) from None
+        try:
+            weights = file_stamp((folder / WEIGHTS_FILE).stat())
+        except FileNotFoundError:
+            weights = None
+        return config, weights
+
     def load(self, name: str) -> Adapter:
+        read_at = time.monotonic()
         folder = self.folder(name)
         if not (folder / WEIGHTS_FILE).is_file():
             pickled = " (a pickle .bin is refused: loading it can run code)" if any(folder.glob("*.bin")) else ""
             raise invalid(f"LoRA adapter '{name}': no {WEIGHTS_FILE}{pickled}")
         try:
-            cfg = json.loads(self._read(name, folder / CONFIG_FILE, 2**20))
-            tensors = parse_safetensors(self._read(name, folder / WEIGHTS_FILE, self.max_file_bytes))
+            config, config_stamp = self._read(name, folder / CONFIG_FILE, 2**20)
+            weights, weights_stamp = self._read(name, folder / WEIGHTS_FILE, self.max_file_bytes)
+            digest = hashlib.sha256(config)
+            digest.update(b"\0")
+            digest.update(weights)  # releases the GIL: the engine thread steps meanwhile
+            version = digest.hexdigest()[:16]
+            cfg = json.loads(config)
+            tensors = parse_safetensors(weights)
             if not isinstance(cfg, dict):
                 raise ValueError(f"{CONFIG_FILE} is not a JSON object")
-            return Adapter(name, self._modules(name, cfg, tensors))
+            modules = self._modules(name, cfg, tensors)
+        except FileNotFoundError:  # deleted while it was read
+            raise not_found(name) from None
         except RequestError:
             raise
         except Exception as e:  # any malformed file: this adapter's requests fail, nothing else
             raise invalid(f"LoRA adapter '{name}': cannot read: {e}") from e
+        stamp = (config_stamp, weights_stamp)
+        return Adapter(name, modules, version, stamp, read_at, len(config) + len(weights))
 
-    def _read(self, name: str, path: Path, max_bytes: int) -> bytearray:
+    def _read(self, name: str, path: Path, max_bytes: int) -> tuple[bytearray, FileStamp]:
         """The file's bytes, read whole: what is served never maps a file that can change under it.
         Refused: a symlink that leads out of the adapter's folder, a file above `max_bytes`, a file
         that changed while it was read."""
@@ -165,7 +206,7 @@ class AdapterStore:
         after = path.stat()
         if (after.st_size, after.st_mtime_ns) != (before.st_size, before.st_mtime_ns) or got != after.st_size:
             raise invalid(f"LoRA adapter '{name}': {path.name} changed while it was read; try again")
-        return data
+        return data, file_stamp(before)
 
     def _modules(self, name: str, cfg: dict, tensors: dict[str, torch.Tensor]) -> dict[str, ModuleLoRA]:
         def fail(msg: str) -> RequestError:
@@ -209,9 +250,7 @@ class AdapterStore:
                 raise fail(f"adapter_config.json gives '{module}' rank {declared}, its tensors have rank {rank}")
             if targets and module not in targets:
                 raise fail(f"weights for '{module}', which target_modules does not select")
-            modules[module] = ModuleLoRA(
-                a.to(self.dtype).contiguous(), b.to(self.dtype).contiguous(), module_scale(cfg, module, rank)
-            )
+            modules[module] = ModuleLoRA(a, b, module_scale(cfg, module, rank))
         if not modules:
             raise fail("no LoRA weights")
         return modules

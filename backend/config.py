@@ -22,6 +22,9 @@ class EngineConfig:
     dtype: str = "auto"  # auto = the model's dtype on cuda, float32 on cpu
     max_loras: int = 8  # adapter slots: distinct adapters in one batch
     max_lora_rank: int = 64
+    # host tier: adapters read from disk, in bytes ("4GiB", "512MB"); least recently used evicted first
+    host_lora_memory: str = "4GiB"
+    pinned_loras: str = ""  # adapters (name,name) loaded at start and never evicted from slot or host
     lora_backend: str = "auto"  # auto = triton on cuda, torch on cpu; triton on cpu runs Triton's interpreter
     attention_backend: str = "auto"  # decode attention: auto = triton (paged kernel) on cuda, torch on cpu
     lora_target_modules: str = "all-linear"  # layers that can take a LoRA: all-linear, a regex or name,name
@@ -58,6 +61,10 @@ class EngineConfig:
     def as_parameters(self) -> dict[str, str]:
         """The settings in effect, as config.pbtxt parameter strings (absolute paths)."""
         return {f.name: format_value(getattr(self, f.name)) for f in dataclasses.fields(self)}
+
+    @property
+    def pinned(self) -> tuple[str, ...]:
+        return tuple(dict.fromkeys(s.strip() for s in self.pinned_loras.split(",") if s.strip()))
 
     @property
     def targets(self) -> str | list[str]:

@@ -20,7 +20,7 @@ from dataclasses import dataclass, field
 
 import torch
 
-from backend.adapter_manager import AdapterManager
+from backend.adapter_manager import AdapterManager, Want
 from backend.adapters import AdapterStore
 from backend.config import EngineConfig
 from backend.errors import (
@@ -32,6 +32,7 @@ from backend.errors import (
     invalid,
     unavailable,
 )
+from backend.kv_cache import parse_budget
 from backend.metrics import Metrics
 from backend.model_runner import ModelRunner, SeqWork
 from backend.request import GenerationRequest, Limits
@@ -46,6 +47,7 @@ class Output:
     log_probs: list[float]
     finish_reason: str | None = None  # "stop" | "length"; None while more tokens follow
     error: RequestError | None = None
+    adapter_version: str = ""  # content hash of the adapter version that served it ("" for the base)
 
 
 @dataclass(eq=False)
@@ -53,8 +55,10 @@ class Sequence:
     req: GenerationRequest
     emit: Callable[[Output], None]
     tokens: list[int]
+    want: Want | None = None  # its adapter, as the folder was when it arrived
     blocks: list[int] = field(default_factory=list)  # its KV-cache blocks while it runs
-    slot: int = -1
+    slot: int = -1  # its adapter's slot, held from admission to the end (through preemption)
+    version: str = ""
     cached: int = 0
     passed_over: bool = False  # a prompt chunk was due and not fed last step: it goes first
     out_ids: list[int] = field(default_factory=list)
@@ -80,6 +84,7 @@ class Engine:
         self.stopped = False  # the engine thread has ended: nothing would answer
         self.drain_by: float | None = None  # at shutdown: requests still running then end with UNAVAILABLE
         self.lock = threading.Lock()  # submit vs. the loop's decision to stop
+        self.wake = threading.Event()  # a request or an adapter read arrived
         self._go = threading.Event()
         loaded: queue.Queue[BaseException | None] = queue.Queue()
         self.thread = threading.Thread(target=self._main, args=(loaded,), name="lora-engine", daemon=True)
@@ -110,14 +115,14 @@ class Engine:
         )
         self.kv = self.runner.kv
         store = AdapterStore(
-            cfg.adapter_dir,
-            self.runner.shapes,
-            self.runner.module_names,
-            cfg.max_lora_rank,
-            self.runner.model.dtype,
-            cfg.allow_adapter_symlinks,
+            cfg.adapter_dir, self.runner.shapes, self.runner.module_names, cfg.max_lora_rank, cfg.allow_adapter_symlinks
         )
-        self.adapters = AdapterManager(store, self.runner.lora, cfg.max_loras, self.metrics)
+        host_budget, kind = parse_budget(cfg.host_lora_memory, "host_lora_memory")
+        if kind != "bytes":
+            raise ValueError(f"host_lora_memory {cfg.host_lora_memory!r}: expected bytes like 4GiB")
+        self.adapters = AdapterManager(
+            store, self.runner.lora, cfg.max_loras, int(host_budget), self.metrics, cfg.pinned, self.wake
+        )
         eos = self.runner.model.generation_config.eos_token_id
         self.limits = Limits(
             self.runner.vocab_size,
@@ -148,6 +153,8 @@ class Engine:
                 self.waiting.append(self.inbox.get_nowait())
             for seq in [*self.running, *self.waiting]:  # none after a normal stop
                 self._emit(seq, Output([], [], error=engine_stopped()))
+            if hasattr(self, "adapters"):
+                self.adapters.close()
 
     def start(self) -> "Engine":
         self._go.set()
@@ -167,8 +174,7 @@ class Engine:
         NOT_FOUND, UNAVAILABLE) at once for what can be told without the model."""
         if not req.input_ids or req.max_tokens < 1 or len(req.input_ids) + req.max_tokens > self.limits.max_model_len:
             raise invalid(f"{len(req.input_ids)} prompt tokens + max_tokens {req.max_tokens} do not fit the context")
-        if req.lora_name:
-            self.adapters.store.folder(req.lora_name)
+        want = self.adapters.want(req.lora_name) if req.lora_name else None
         with self.lock:
             if self.stopping.is_set():
                 raise unavailable()
@@ -178,7 +184,8 @@ class Engine:
             if queued >= self.cfg.max_queued_requests:
                 raise unavailable(f"the engine queue is full ({queued} requests wait; max_queued_requests)")
             self.metrics.request(req.lora_name)
-            self.inbox.put(Sequence(req, emit, list(req.input_ids)))
+            self.inbox.put(Sequence(req, emit, list(req.input_ids), want))
+            self.wake.set()
 
     def begin_shutdown(self, grace: float) -> None:
         """Stops taking requests; those still in flight after `grace` seconds end with UNAVAILABLE."""
@@ -198,7 +205,9 @@ class Engine:
     def _loop(self) -> None:
         while not self._idle_until_work():
             try:
-                self.step()
+                self.wake.clear()
+                if not self.step():  # everyone waits (an adapter read, a slot): until something arrives
+                    self.wake.wait(0.01)
                 self.metrics.occupancy(
                     len(self.running),
                     self.adapters.slots_in_use,
@@ -225,7 +234,8 @@ class Engine:
                         return True
         return False
 
-    def step(self) -> None:
+    def step(self) -> bool:
+        """One forward over the running batch after admitting what can join; False if there was nothing to run."""
         while not self.inbox.empty():
             self.waiting.append(self.inbox.get_nowait())
         now = time.monotonic()
@@ -239,7 +249,7 @@ class Engine:
         self._admit()
         work = self._schedule()
         if not work:
-            return
+            return False
         self.metrics.step({s.req.lora_name for s, _ in work})
         fed = [s.feed(n) for s, n in work]
         sampled = [s for (s, _), w in zip(work, fed) if w.sample]  # its prompt is all in: it gets a token
@@ -250,7 +260,7 @@ class Engine:
             log.exception("engine step failed")
             for seq in list(self.running):
                 self._finish(seq, error=internal(f"engine step failed: {e}"))
-            return
+            return True
         for seq, n in work:
             seq.cached += n
         for seq, tok, lp in zip(sampled, tokens, logprobs):
@@ -258,6 +268,7 @@ class Engine:
                 self._finish(seq, error=internal("the model produced non-finite logits for this request"))
             else:
                 self._append(seq, tok, lp)
+        return True
 
     def _schedule(self) -> list[tuple[Sequence, int]]:
         """(sequence, tokens to feed) for this step. Decode tokens first, each with room for its K/V (the
@@ -276,9 +287,10 @@ class Engine:
         return [(s, fed[s]) for s in self.running if fed.get(s)]  # in running order
 
     def _preempt(self, seq: Sequence) -> None:
-        """Frees the sequence's blocks and slot; it waits first in line, to be fed again from its first token."""
+        """Frees the sequence's blocks; it waits first in line, to be fed again from its first token. It
+        keeps its adapter slot: it goes on with the weights it started with."""
         self._leave_running(seq)
-        seq.slot, seq.cached, seq.passed_over = -1, 0, False
+        seq.cached, seq.passed_over = 0, False
         self.waiting.appendleft(seq)
         self.metrics.inc("lora_engine_preemptions_total")
         log.info("KV cache full: request %s preempted after %d tokens", seq.req.id, len(seq.out_ids))
@@ -286,13 +298,12 @@ class Engine:
     def _leave_running(self, seq: Sequence) -> None:
         self.running.remove(seq)
         self.kv.release(seq.blocks)
-        if seq.slot >= 0:
-            self.adapters.release(seq.slot)
 
     def _admit(self) -> None:
-        """Waiting sequences join in order while there is a running place, KV blocks for all their tokens
-        so far, and an adapter slot (a request whose adapter has none lets later base requests pass)."""
-        blocked = False  # once a request waits for a slot, later adapter requests wait behind it
+        """Waiting sequences join in arrival order while there is a running place and KV blocks for all
+        their tokens so far. One whose adapter is being read or waits for a slot lets later requests
+        pass: base requests, and those whose adapter sits in a slot that is not kept for it."""
+        self.adapters.begin_round([s.want for s in self.waiting if s.want is not None and s.slot < 0])
         for seq in list(self.waiting):
             need = self.kv.blocks_for(len(seq.tokens))
             if need > self.kv.num_blocks:  # cannot happen while max_model_len fits the cache: never wait forever
@@ -300,12 +311,14 @@ class Engine:
                 continue
             if len(self.running) >= self.cfg.max_num_seqs or need > len(self.kv.free):
                 return
-            if blocked and seq.req.lora_name:
-                continue
-            # what can fail comes first: the sequence takes its blocks and slot only once nothing can
+            # what can fail comes first: the sequence takes its blocks only once nothing can
             try:
                 generator = seq.generator or make_generator(seq.req.sampling, self.device)
-                slot = self.adapters.acquire(seq.req.lora_name) if seq.req.lora_name else -1
+                if seq.want is not None and seq.slot < 0:
+                    got = self.adapters.acquire(seq.want)
+                    if got is None:
+                        continue  # its adapter is being read, or it waits for a slot
+                    seq.slot, seq.version = got[0], got[1].version
             except RequestError as e:
                 self._finish(seq, error=e)
                 continue
@@ -313,12 +326,9 @@ class Engine:
                 log.exception("admitting request %s failed", seq.req.id)
                 self._finish(seq, error=internal(f"admitting the request failed: {e}"))
                 continue
-            if slot is None:
-                blocked = True  # every slot is busy with other adapters: wait for one to free up
-                continue
             self.waiting.remove(seq)
             self.kv.grow(seq.blocks, len(seq.tokens))
-            seq.slot, seq.generator = slot, generator
+            seq.generator = generator
             self.running.append(seq)
 
     def _append(self, seq: Sequence, token: int, logprob: float) -> None:
@@ -341,6 +351,9 @@ class Engine:
             self._leave_running(seq)
         elif seq in self.waiting:
             self.waiting.remove(seq)
+        if seq.slot >= 0:
+            self.adapters.release(seq.slot)
+            seq.slot = -1
         if error is not None:
             self._emit(seq, Output([], [], error=error))
         elif seq.req.stream:
@@ -350,6 +363,7 @@ class Engine:
 
     @staticmethod
     def _emit(seq: Sequence, out: Output) -> None:
+        out.adapter_version = seq.version
         try:
             seq.emit(out)
         except Exception:  # a response that cannot be sent must not stop the others

@@ -20,19 +20,19 @@ class LayerShape:
     head_dim: int
 
 
-def parse_budget(text: str) -> tuple[float, str]:
+def parse_budget(text: str, setting: str = "kv_cache_memory") -> tuple[float, str]:
     """ "4GiB" -> (4 * 2**30, "bytes"); "0.9" -> (0.9, "fraction"); "auto" -> (0, "auto")."""
     t = text.strip().lower().replace(" ", "")
     if t == "auto":
         return 0.0, "auto"
     m = re.fullmatch(r"([0-9.]+(?:e[0-9]+)?)([a-z]*)", t)
     if not m or m.group(2) not in UNITS:
-        raise ValueError(f"kv_cache_memory {text!r}: expected auto, a fraction like 0.9, or bytes like 4GiB")
+        raise ValueError(f"{setting} {text!r}: expected auto, a fraction like 0.9, or bytes like 4GiB")
     value = float(m.group(1))
     if not m.group(2) and 0 < value <= 1:
         return value, "fraction"
     if value * UNITS[m.group(2)] < 1:
-        raise ValueError(f"kv_cache_memory {text!r} is not a positive size")
+        raise ValueError(f"{setting} {text!r} is not a positive size")
     return value * UNITS[m.group(2)], "bytes"
 
 

@@ -1,20 +1,29 @@
-"""Engine and per-adapter counters. `Metrics` keeps them in memory; `TritonMetrics` also publishes
+"""Engine, adapter and tier metrics. `Metrics` keeps them in memory; `TritonMetrics` also publishes
 them through Triton's metrics endpoint (pb_utils custom metrics) on `flush`: each publication is a
-round trip to the server process, too slow to make for every token."""
+round trip to the server process, too slow to make for every token.
+
+A series is a family name and its labels. The series without an adapter label exist from the start
+(at 0); an adapter's series all appear, at 0, with its first request, so a dashboard never misses one."""
 
 import threading
 from collections import defaultdict
 
 BASE = "__base__"  # label of requests without an adapter (not a valid adapter name)
+TIERS = ("device", "host")
+LOAD_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0]
 
+Labels = tuple[tuple[str, str], ...]
+
+# name -> (description, label sets of the series that exist from the start)
 COUNTERS = {
     "lora_requests_total": "Requests received, per adapter",
     "lora_generated_tokens_total": "Tokens generated, per adapter",
-    "lora_cache_hits_total": "Requests whose adapter was already in a device slot",
-    "lora_cache_misses_total": "Requests whose adapter had to be put into a device slot",
-    "lora_adapter_loads_total": "Adapter reads from disk",
-    "lora_adapter_load_seconds_total": "Seconds spent reading adapters from disk",
-    "lora_adapter_evictions_total": "Adapters evicted from a device slot",
+    "lora_cache_hits_total": "Admissions that found the adapter in a tier: device (in a slot) or host (in memory)",
+    "lora_cache_misses_total": "Admissions whose adapter had to be read from disk (first use, evicted, or updated)",
+    "lora_adapter_loads_total": "Adapter reads from disk that succeeded",
+    "lora_adapter_load_failures_total": "Adapter reads from disk that failed (the adapter's requests got the error)",
+    "lora_adapter_updates_total": "Reads that found a new version of an adapter already cached",
+    "lora_adapter_evictions_total": "Adapters evicted from a tier (device slot or host memory)",
     "lora_engine_steps_total": "Engine steps (one forward over the running batch)",
     "lora_engine_mixed_steps_total": "Engine steps whose batch held more than one adapter (the base counts as one)",
     "lora_engine_preemptions_total": "Running sequences preempted (fed again later) because the KV cache was full",
@@ -22,36 +31,108 @@ COUNTERS = {
 GAUGES = {
     "lora_engine_max_adapters_per_step": "Most distinct adapters (the base counts as one) seen in one engine step",
     "lora_engine_running_sequences": "Sequences in the running batch",
-    "lora_engine_waiting_requests": "Requests queued for a running place, KV-cache blocks or an adapter slot",
+    "lora_engine_waiting_requests": "Requests queued for a running place, KV-cache blocks, an adapter load or slot",
     "lora_kv_cache_blocks_in_use": "KV-cache blocks held by running sequences",
     "lora_adapter_slots_in_use": "Adapter slots held by running sequences",
+    "lora_adapter_loads_in_flight": "Adapter reads from disk under way",
+    "lora_tier_bytes": "Bytes of adapter weights resident in a tier (device: at their real rank)",
+    "lora_tier_budget_bytes": "A tier's budget: host_lora_memory, or the device slots' buffers",
+    "lora_tier_adapters": "Adapters resident in a tier",
+    "lora_adapter_resident_bytes": "Bytes of an adapter resident in a tier (0 when it is not there)",
 }
+HISTOGRAMS = {
+    "lora_adapter_load_seconds": "Seconds to read, check and hash an adapter from disk",
+}
+FAMILIES = {**COUNTERS, **GAUGES, **HISTOGRAMS}
+
+# the series of each adapter, created together with its first request (the base: the first two)
+PER_ADAPTER = [
+    ("lora_requests_total", ()),
+    ("lora_generated_tokens_total", ()),
+    *[("lora_cache_hits_total", (("tier", t),)) for t in TIERS],
+    ("lora_cache_misses_total", ()),
+    ("lora_adapter_loads_total", ()),
+    ("lora_adapter_load_failures_total", ()),
+    ("lora_adapter_updates_total", ()),
+    *[("lora_adapter_evictions_total", (("tier", t),)) for t in TIERS],
+    *[("lora_adapter_resident_bytes", (("tier", t),)) for t in TIERS],
+    ("lora_adapter_load_seconds", ()),
+]
+TIER_GAUGES = ("lora_tier_bytes", "lora_tier_budget_bytes", "lora_tier_adapters")
+# the series that exist from the start; the load-time histogram also has one over all adapters
+GLOBAL = [
+    *[(name, ()) for name in COUNTERS if name.startswith("lora_engine_")],
+    *[(name, ()) for name in GAUGES if name not in TIER_GAUGES and name != "lora_adapter_resident_bytes"],
+    *[(name, (("tier", t),)) for name in TIER_GAUGES for t in TIERS],
+    ("lora_adapter_load_seconds", ()),
+]
+
+
+def labels(adapter: str = "", **more: str) -> Labels:
+    return ((("adapter", adapter),) if adapter else ()) + tuple(sorted(more.items()))
 
 
 class Metrics:
     def __init__(self):
-        self.values: dict[tuple[str, str], float] = defaultdict(float)
+        self.values: dict[tuple[str, Labels], float] = defaultdict(float)
+        self.histograms: dict[tuple[str, Labels], list[float]] = {}  # observations not yet published
+        self.adapters: set[str] = set()
+        for name, extra in GLOBAL:
+            self._create(name, extra)
 
-    def inc(self, name: str, adapter: str = "", value: float = 1.0) -> None:
-        self.values[name, adapter] += value
+    def _create(self, name: str, key_labels: Labels) -> None:
+        if name in HISTOGRAMS:
+            self.histograms.setdefault((name, key_labels), [])
+            self.values[name + "_count", key_labels] += 0
+        else:
+            self.values[name, key_labels] += 0
+
+    def _adapter(self, adapter: str) -> None:
+        if adapter not in self.adapters:
+            self.adapters.add(adapter)
+            for name, extra in PER_ADAPTER:
+                if adapter != BASE or name in ("lora_requests_total", "lora_generated_tokens_total"):
+                    self._create(name, labels(adapter) + extra)
+
+    def inc(self, name: str, value: float = 1.0, adapter: str = "", **more: str) -> None:
+        if adapter:
+            self._adapter(adapter)
+        self.values[name, labels(adapter, **more)] += value
 
     def set_max(self, name: str, value: float) -> None:
-        self.values[name, ""] = max(self.values[name, ""], value)
+        self.values[name, ()] = max(self.values[name, ()], value)
 
-    def gauge(self, name: str, value: float) -> None:
-        self.values[name, ""] = value
+    def gauge(self, name: str, value: float, adapter: str = "", **more: str) -> None:
+        if adapter:
+            self._adapter(adapter)
+        self.values[name, labels(adapter, **more)] = value
 
-    def get(self, name: str, adapter: str = "") -> float:
-        return self.values.get((name, adapter), 0.0)
+    def observe(self, name: str, value: float, adapter: str = "") -> None:
+        """One observation of a histogram, in the adapter's series and the one without an adapter."""
+        if adapter:
+            self._adapter(adapter)
+        for key_labels in {labels(adapter), ()}:
+            self.histograms.setdefault((name, key_labels), []).append(value)
+            self.values[name + "_count", key_labels] += 1
+            self.values[name + "_sum", key_labels] += value
+
+    def get(self, name: str, adapter: str = "", **more: str) -> float:
+        return self.values.get((name, labels(adapter, **more)), 0.0)
+
+    def total(self, name: str) -> float:
+        """Sum over every series of a family (every adapter, every tier)."""
+        return sum(v for (n, _), v in list(self.values.items()) if n == name)
 
     def flush(self) -> None:
         """Publishes what changed since the last flush (here: nothing to publish)."""
+        for pending in self.histograms.values():
+            pending.clear()
 
     def request(self, adapter: str) -> None:
-        self.inc("lora_requests_total", adapter or BASE)
+        self.inc("lora_requests_total", adapter=adapter or BASE)
 
     def tokens(self, adapter: str, n: int) -> None:
-        self.inc("lora_generated_tokens_total", adapter or BASE, n)
+        self.inc("lora_generated_tokens_total", n, adapter=adapter or BASE)
 
     def step(self, adapters: set[str]) -> None:
         self.inc("lora_engine_steps_total")
@@ -65,23 +146,18 @@ class Metrics:
         self.gauge("lora_adapter_slots_in_use", slots)
         self.gauge("lora_engine_waiting_requests", waiting)
 
-    def adapter_cache(self, adapter: str, hit: bool) -> None:
-        self.inc("lora_cache_hits_total" if hit else "lora_cache_misses_total", adapter)
-
-    def adapter_loaded(self, adapter: str, seconds: float) -> None:
-        self.inc("lora_adapter_loads_total", adapter)
-        self.inc("lora_adapter_load_seconds_total", adapter, seconds)
-
-    def adapter_evicted(self, adapter: str) -> None:
-        self.inc("lora_adapter_evictions_total", adapter)
-
 
 class TritonMetrics(Metrics):
-    """Publishes every value as a Triton custom metric labelled with the model and the adapter."""
+    """Publishes every series as a Triton custom metric labelled with the model (and adapter, tier)."""
 
     def __init__(self, pb_utils, model: str):
-        super().__init__()
-        kinds = [(COUNTERS, pb_utils.MetricFamily.COUNTER), (GAUGES, pb_utils.MetricFamily.GAUGE)]
+        self.lock = threading.Lock()  # requests are counted on Triton's thread, the rest on the engine's
+        self.publishing = threading.Lock()  # one flush at a time; counting does not wait for it
+        kinds = [
+            (COUNTERS, pb_utils.MetricFamily.COUNTER),
+            (GAUGES, pb_utils.MetricFamily.GAUGE),
+            (HISTOGRAMS, pb_utils.MetricFamily.HISTOGRAM),
+        ]
         self.families = {
             name: pb_utils.MetricFamily(name=name, description=desc, kind=kind)
             for table, kind in kinds
@@ -89,38 +165,57 @@ class TritonMetrics(Metrics):
         }
         self.model = model
         self.series = {}
-        self.published: dict[tuple[str, str], float] = {}
-        self.lock = threading.Lock()  # requests are counted on Triton's thread, the rest on the engine's
-        self.publishing = threading.Lock()  # one flush at a time; counting does not wait for it
+        self.published: dict[tuple[str, Labels], float] = {}
+        super().__init__()
 
-    def inc(self, name: str, adapter: str = "", value: float = 1.0) -> None:
+    def inc(self, name: str, value: float = 1.0, adapter: str = "", **more: str) -> None:
         with self.lock:
-            super().inc(name, adapter, value)
+            super().inc(name, value, adapter, **more)
 
     def set_max(self, name: str, value: float) -> None:
         with self.lock:
             super().set_max(name, value)
 
-    def gauge(self, name: str, value: float) -> None:
+    def gauge(self, name: str, value: float, adapter: str = "", **more: str) -> None:
         with self.lock:
-            super().gauge(name, value)
+            super().gauge(name, value, adapter, **more)
+
+    def observe(self, name: str, value: float, adapter: str = "") -> None:
+        with self.lock:
+            super().observe(name, value, adapter)
 
     def flush(self) -> None:
         with self.publishing:
             with self.lock:
-                changed = [(key, value, self.published.get(key, 0.0)) for key, value in self.values.items()]
-                changed = [c for c in changed if c[1] != c[2]]
+                changed = [
+                    (key, value, self.published.get(key, 0.0))
+                    for key, value in self.values.items()
+                    if key[0] in FAMILIES and (key not in self.series or value != self.published.get(key, 0.0))
+                ]
                 self.published.update((key, value) for key, value, _ in changed)
-            for (name, adapter), value, before in changed:
-                metric = self._metric(name, adapter)
+                observed = [(key, list(pending)) for key, pending in self.histograms.items()]
+                new_histograms = [key for key, _ in observed if key not in self.series]
+                for pending in self.histograms.values():
+                    pending.clear()
+            for (name, key_labels), value, before in changed:
+                metric = self._metric(name, key_labels)
                 if name in GAUGES:
                     metric.set(value)
-                else:
+                elif value != before:
                     metric.increment(value - before)
+            for key in new_histograms:
+                self._metric(*key)
+            for key, pending in observed:
+                for value in pending:
+                    self.series[key].observe(value)
 
-    def _metric(self, name: str, adapter: str):
-        key = (name, adapter)
+    def _metric(self, name: str, key_labels: Labels):
+        key = (name, key_labels)
         if key not in self.series:
-            labels = {"model": self.model, **({"adapter": adapter} if adapter else {})}
-            self.series[key] = self.families[name].Metric(labels=labels)
+            family = self.families[name]
+            all_labels = {"model": self.model, **dict(key_labels)}
+            if name in HISTOGRAMS:
+                self.series[key] = family.Metric(labels=all_labels, buckets=LOAD_BUCKETS)
+            else:
+                self.series[key] = family.Metric(labels=all_labels)
         return self.series[key]

@@ -75,7 +75,7 @@ class TextDoor:
         call = pb_utils.InferenceRequest(
             model_name="lora_llm",
             inputs=tensors,
-            requested_output_names=["output_ids", "finish_reason"],
+            requested_output_names=["output_ids", "finish_reason", "adapter_version"],
             parameters={io.StopFiles.PARAMETER: key},
             timeout=timeout_us,
         )
@@ -93,7 +93,7 @@ class TextDoor:
             self.spent.keep(responses)
 
     def read(self, responses, sender, stream: bool):
-        pieces, finish = [], ""
+        pieces, finish, version = [], "", ""
         for response in responses:
             if response.has_error():
                 message = response.error().message()
@@ -104,11 +104,12 @@ class TextDoor:
             finish = io.first(pb_utils.get_output_tensor_by_name(response, "finish_reason").as_numpy())
             if error := io.error_in(finish):
                 raise error
+            version = io.first(pb_utils.get_output_tensor_by_name(response, "adapter_version").as_numpy())
             if stream and not finish:
-                sender.send(text_response(self.codec.decode(ids), ""))
+                sender.send(text_response(self.codec.decode(ids), "", version))
             else:
                 pieces.append(self.codec.decode(ids))
-        return text_response("".join(pieces), finish)
+        return text_response("".join(pieces), finish, version)
 
     def finalize(self):
         self.watch.close()
@@ -117,7 +118,6 @@ class TextDoor:
         self.spent.clear()
 
 
-def text_response(text: str, finish: str):
-    return pb_utils.InferenceResponse(
-        [io.tensor("text_output", [text], np.object_), io.tensor("finish_reason", [finish], np.object_)]
-    )
+def text_response(text: str, finish: str, version: str):
+    values = {"text_output": text, "finish_reason": finish, "adapter_version": version}
+    return pb_utils.InferenceResponse([io.tensor(name, [v], np.object_) for name, v in values.items()])

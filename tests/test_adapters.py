@@ -28,7 +28,7 @@ def make_store(base: Path, adapters: Path, max_rank: int = 64) -> AdapterStore:
     runner = ModelRunner(
         base, dtype=torch.float32, device="cpu", max_seqs=1, max_len=32, num_slots=1, max_rank=max_rank
     )
-    return AdapterStore(adapters, runner.shapes, runner.module_names, max_rank, torch.float32)
+    return AdapterStore(adapters, runner.shapes, runner.module_names, max_rank)
 
 
 def peft_layers(model: PeftModel, adapter: str) -> dict[str, LoraLayer]:

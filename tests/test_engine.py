@@ -61,6 +61,13 @@ def request(ids, adapter="", max_tokens=6, **kw) -> GenerationRequest:
     return GenerationRequest(list(ids), max_tokens=max_tokens, lora_name=adapter, **kw)
 
 
+def warm(engine: Engine, *names: str) -> Engine:
+    """Reads adapters into the host tier now, so that a test that counts steps need not wait for reads."""
+    for name in names:
+        engine.adapters.load_now(name)
+    return engine
+
+
 def submit_all(engine: Engine, reqs: list[GenerationRequest]) -> list[Collector]:
     collectors = [Collector() for _ in reqs]
     for req, c in zip(reqs, collectors):
@@ -88,11 +95,17 @@ def run_all(engine: Engine, reqs: list[GenerationRequest]) -> list[Collector]:
 
 
 def drive(engine: Engine, collectors: list[Collector], max_steps: int = 200) -> None:
-    """Steps an engine that was not started until every request has its final output."""
-    for _ in range(max_steps):
+    """Steps an engine that was not started until every request has its final output (a step that
+    runs nothing, while adapters are read, does not count)."""
+    deadline = time.monotonic() + WAIT_S
+    while max_steps and time.monotonic() < deadline:
         if all(c.done.is_set() for c in collectors):
             return
-        engine.step()
+        if engine.step():
+            max_steps -= 1
+        else:
+            engine.wake.wait(0.01)
+            engine.wake.clear()
     raise AssertionError("requests did not finish")
 
 
@@ -114,7 +127,7 @@ def all_blocks_free(engine: Engine) -> bool:
 
 
 def total(engine: Engine, metric: str) -> float:
-    return sum(v for (name, _), v in engine.metrics.values.items() if name == metric)
+    return engine.metrics.total(metric)
 
 
 @pytest.fixture
@@ -331,6 +344,7 @@ def test_requests_join_and_leave_between_steps(assets, peft_model, vocab):
         return forward(batch)
 
     engine.runner.forward = spy
+    warm(engine, "qv-r4", "all-r16-pattern", "mlp-r64")
     p = prompts(vocab, [7, 11, 13, 4], seed=5)
     first = [request(p[0], "", 8), request(p[1], "qv-r4", 5)]
     late = [request(p[2], "all-r16-pattern", 6), request(p[3], "mlp-r64", 3)]
@@ -360,7 +374,7 @@ def test_requests_join_and_leave_between_steps(assets, peft_model, vocab):
     assert counts[0] == 4 and counts == sorted(counts, reverse=True) and counts[-1] == 0
     assert len(set(counts)) >= 3  # they left at different steps
     assert all_blocks_free(engine) and not engine.waiting
-    assert all(r == 0 for r in engine.adapters.refs)
+    assert all(s.refs == 0 for s in engine.adapters.slots)
     for req, c in zip(first + late, collectors):
         assert c.final.token_ids == peft_generate(peft_model, req.input_ids, req.lora_name, req.max_tokens)
         assert c.final.finish_reason == "length"
@@ -386,9 +400,11 @@ def test_more_adapters_than_slots(assets, peft_model, vocab, engines):
                 violations.append(f"tokens of a {name or 'base'} request not mapped to its slot {seq.slot}")
             if not name:
                 continue
-            if engine.adapters.slots.get(name) != seq.slot:
-                violations.append(f"{name} runs in slot {seq.slot}, table says {engine.adapters.slots.get(name)}")
-            adapter = engine.adapters.host[name]
+            table = engine.adapters.by_name.get(name)
+            if table is None or table.index != seq.slot:
+                violations.append(f"{name} runs in slot {seq.slot}, table says {table and table.index}")
+                continue
+            adapter = table.adapter
             for module, layer in engine.runner.lora.layers.items():
                 m = adapter.modules.get(module)
                 r = m.rank if m else 0
@@ -419,7 +435,7 @@ def test_more_adapters_than_slots(assets, peft_model, vocab, engines):
         assert out.final.token_ids == peft_generate(peft_model, p, n, 4), n
     assert total(engine, "lora_adapter_evictions_total") > 0
     assert total(engine, "lora_cache_misses_total") >= 4
-    assert all(r == 0 for r in engine.adapters.refs)
+    assert all(s.refs == 0 for s in engine.adapters.slots)
     assert all_blocks_free(engine)
 
 
@@ -552,8 +568,8 @@ def error_dir(assets, tmp_path) -> Path:
 
 
 def test_invalid_adapter_fails_at_admission_alone(assets, peft_model, vocab, error_dir):
-    """max_lora_rank=8: all-r16-pattern (rank 16) and dora are refused when admitted, through emit,
-    in the step where the valid requests beside them run."""
+    """max_lora_rank=8: all-r16-pattern (rank 16) and dora are refused once their reads end, through
+    emit; the valid requests beside them run meanwhile and never see it."""
     engine = make_engine(assets / "base", error_dir, max_lora_rank=8)
     p = prompts(vocab, [5, 8, 6, 7], seed=17)
     reqs = [
@@ -562,19 +578,18 @@ def test_invalid_adapter_fails_at_admission_alone(assets, peft_model, vocab, err
         request(p[2], ""),
         request(p[3], "dora"),
     ]
-    outs = submit_all(engine, reqs)  # submit() does not load adapters: no error yet
-    engine.step()
+    outs = submit_all(engine, reqs)  # submit() does not read adapters: no error yet
+    drive(engine, outs)
     for i in (1, 3):
         err = outs[i].final.error
         assert err is not None and err.code == "INVALID_ARG" and outs[i].final.token_ids == []
     assert "'all-r16-pattern'" in outs[1].final.error.message and "rank 16" in outs[1].final.error.message
     assert "'dora'" in outs[3].final.error.message and "DoRA" in outs[3].final.error.message
-    assert [len(c.outputs) for c in (outs[0], outs[2])] == [0, 0] and len(engine.running) == 2
-    drive(engine, outs)
     for i in (0, 2):
         assert outs[i].final.error is None
         assert outs[i].final.token_ids == peft_generate(peft_model, reqs[i].input_ids, reqs[i].lora_name, 6)
-    assert all(r == 0 for r in engine.adapters.refs) and "dora" not in engine.adapters.slots
+    assert total(engine, "lora_adapter_load_failures_total") == 2
+    assert all(s.refs == 0 for s in engine.adapters.slots) and "dora" not in engine.adapters.by_name
 
 
 @pytest.mark.parametrize("damage", ["corrupt-weights", "config-not-an-object", "alpha-not-a-number"])
@@ -605,7 +620,7 @@ def test_unreadable_adapter_fails_alone_and_engine_goes_on(assets, peft_model, v
 
 
 def test_cancellation_frees_blocks_and_slot(assets, peft_model, vocab):
-    engine = make_engine(assets / "base", assets / "adapters", max_num_seqs=3)
+    engine = warm(make_engine(assets / "base", assets / "adapters", max_num_seqs=3), "qv-r4", "mlp-r64")
     p = prompts(vocab, [6, 9], seed=23)
     cancel = threading.Event()
     reqs = [
@@ -620,16 +635,16 @@ def test_cancellation_frees_blocks_and_slot(assets, peft_model, vocab):
     (victim,) = [s for s in engine.running if s.emit is outs[0]]
     blocks, slot = list(victim.blocks), victim.slot
     assert blocks and not set(blocks) & set(engine.kv.free)
-    assert engine.adapters.refs[slot] == 1 and len(outs[0].outputs) == 3
+    assert engine.adapters.slots[slot].refs == 1 and len(outs[0].outputs) == 3
     cancel.set()
     engine.step()
     assert outs[0].final.error is not None and outs[0].final.error.code == "CANCELLED"
     assert outs[0].final.token_ids == [] and len(outs[0].outputs) == 4
-    assert victim not in engine.running and set(blocks) <= set(engine.kv.free) and engine.adapters.refs[slot] == 0
+    assert victim not in engine.running and set(blocks) <= set(engine.kv.free) and engine.adapters.slots[slot].refs == 0
     assert len(engine.running) == 1 and not outs[1].done.is_set()
     drive(engine, outs)
     assert outs[1].final.token_ids == peft_generate(peft_model, p[1], "mlp-r64", 6)
-    assert all_blocks_free(engine) and all(r == 0 for r in engine.adapters.refs)
+    assert all_blocks_free(engine) and all(s.refs == 0 for s in engine.adapters.slots)
 
 
 # ------------------------------------------------------------------------------------------- 8. shutdown
@@ -688,7 +703,7 @@ def test_submit_racing_shutdown_is_answered(assets):
 def test_decode_step_launches_at_most_two_kernels_per_module(assets):
     """Single-token decode with one all-linear adapter, lora_backend=triton: one shrink and one
     expand per lone layer and per fused group (q/k/v, gate/up), so at most two per module."""
-    engine = make_engine(assets / "base", assets / "adapters", lora_backend="triton")
+    engine = warm(make_engine(assets / "base", assets / "adapters", lora_backend="triton"), "all-r16-pattern")
     ops = engine.runner.lora.ops
     launches = []
     shrink, expand = ops.shrink, ops.expand
@@ -745,7 +760,7 @@ def test_injected_failures_leave_no_leak(assets, peft_model, vocab, monkeypatch,
     the requests after it are served as before."""
     import backend.engine as engine_module
 
-    engine = make_engine(assets / "base", assets / "adapters", max_num_seqs=4)
+    engine = warm(make_engine(assets / "base", assets / "adapters", max_num_seqs=4), "qv-r4", "mlp-r64")
     if stage == "admit":
         monkeypatch.setattr(engine_module, "make_generator", Failing(engine_module.make_generator))
     elif stage == "forward":
@@ -766,13 +781,13 @@ def test_injected_failures_leave_no_leak(assets, peft_model, vocab, monkeypatch,
         if c.final.error is None:
             assert c.token_ids == peft_generate(peft_model, req.input_ids, req.lora_name, 5)
     assert all_blocks_free(engine) and not engine.running and not engine.waiting
-    assert all(r == 0 for r in engine.adapters.refs)
+    assert all(s.refs == 0 for s in engine.adapters.slots)
     (after,) = run_all(engine, [request(p[0], "qv-r4", 5)])
     assert after.final.token_ids == peft_generate(peft_model, p[0], "qv-r4", 5)
 
 
 def test_non_finite_logits_fail_only_their_sequence(assets, peft_model, vocab, monkeypatch):
-    engine = make_engine(assets / "base", assets / "adapters")
+    engine = warm(make_engine(assets / "base", assets / "adapters"), "qv-r4", "mlp-r64")
     forward = engine.runner.forward
 
     def poisoned(batch):
@@ -787,7 +802,7 @@ def test_non_finite_logits_fail_only_their_sequence(assets, peft_model, vocab, m
     assert outs[1].final.error.code == "INTERNAL" and "non-finite" in outs[1].final.error.message
     assert outs[0].final.token_ids == peft_generate(peft_model, p[0], "qv-r4", 1)
     assert outs[2].final.token_ids == peft_generate(peft_model, p[2], "mlp-r64", 1)
-    assert all_blocks_free(engine) and all(r == 0 for r in engine.adapters.refs)
+    assert all_blocks_free(engine) and all(s.refs == 0 for s in engine.adapters.slots)
 
 
 def test_bounded_queue_and_deadline(assets):

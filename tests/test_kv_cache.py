@@ -12,7 +12,7 @@ from backend.config import EngineConfig
 from backend.kv_cache import KVCache, LayerShape, parse_budget, plan_cache
 from backend.request import SamplingParams
 from tests.conftest import peft_generate
-from tests.test_engine import Collector, all_blocks_free, drive, make_engine, prompts, request, run_all, total
+from tests.test_engine import Collector, all_blocks_free, drive, make_engine, prompts, request, run_all, total, warm
 
 # the test assets' base: 2 layers x K and V x 2 kv heads x head_dim 16 x fp32
 BYTES_PER_TOKEN = 2 * 2 * 2 * 16 * 4
@@ -82,7 +82,7 @@ def test_the_cache_is_allocated_at_load_and_sized_by_the_budget(assets):
 def test_a_short_prompt_passes_a_long_one(assets, peft_model, vocab):
     """max_prefill_tokens 16: a 200-token prompt is fed over 13 steps; a 5-token prompt that arrives
     after the first chunk gets its first token in the next step, and the long one's decoding goes on."""
-    engine = make_engine(assets / "base", assets / "adapters", max_prefill_tokens=16)
+    engine = warm(make_engine(assets / "base", assets / "adapters", max_prefill_tokens=16), "qv-r4", "mlp-r64")
     long_p, short_p = prompts(vocab, [200, 5], seed=41)
     fed: list[list[int]] = []
     make_step = engine.runner.make_step
@@ -120,7 +120,7 @@ def test_a_full_cache_preempts_and_outputs_stay_exact(assets, peft_model, vocab)
         assert outs[i].token_ids == peft_generate(peft_model, reqs[i].input_ids, reqs[i].lora_name, 60), i
     assert len(outs[3].outputs) == 60  # streamed: each token once, none again after a preemption
     assert outs[2].final.token_ids == ref_hot.final.token_ids
-    assert all_blocks_free(engine) and all(r == 0 for r in engine.adapters.refs)
+    assert all_blocks_free(engine) and all(s.refs == 0 for s in engine.adapters.slots)
 
 
 @pytest.fixture

@@ -83,8 +83,10 @@ def test_memory_per_adapter_is_its_tensor_bytes(tmp_path, capsys):
     rows = []
     for i in range(len(ranks)):
         before = me.memory_info().rss
-        engine.adapters.release(engine.adapters.acquire(f"a{i}"))
-        rows.append((f"a{i}", ranks[i], engine.adapters.host[f"a{i}"].nbytes, me.memory_info().rss - before))
+        adapter = engine.adapters.load_now(f"a{i}")
+        engine.adapters.begin_round([])
+        engine.adapters.release(engine.adapters.acquire(engine.adapters.want(f"a{i}"))[0])
+        rows.append((f"a{i}", ranks[i], adapter.nbytes, me.memory_info().rss - before))
     slots = sum({id(layer.w): layer.w.nbytes for layer in engine.runner.lora.layers.values()}.values())
     with capsys.disabled():
         print(f"\nslot buffers (fixed, {len(ranks)} slots x rank 64): {slots / MB:.1f} MB")

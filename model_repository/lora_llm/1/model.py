@@ -117,7 +117,8 @@ class Responder:
             if chunk is None:
                 return
             ids, log_probs = chunk
-        self.sender.send(self._response(ids, log_probs, out.finish_reason), flags=io.FINAL if out.finish_reason else 0)
+        response = self._response(ids, log_probs, out.finish_reason, out.adapter_version)
+        self.sender.send(response, flags=io.FINAL if out.finish_reason else 0)
 
     def _send_error(self, err: RequestError) -> None:
         if self.in_band_errors:  # a front door's stream: see io.in_band_error
@@ -125,11 +126,12 @@ class Responder:
         else:
             self.sender.send(io.error_response(err), flags=io.FINAL)
 
-    def _response(self, ids: list[int], log_probs: list[float], finish_reason: str | None):
+    def _response(self, ids: list[int], log_probs: list[float], finish_reason: str | None, version: str = ""):
         values = {
             "output_ids": (ids, np.int64),
             "output_log_probs": (log_probs, np.float32),
             "finish_reason": ([finish_reason or ""], np.object_),
+            "adapter_version": ([version], np.object_),
         }
         return pb_utils.InferenceResponse(
             output_tensors=[io.tensor(name, *v) for name, v in values.items() if name in self.outputs]
