@@ -209,6 +209,7 @@ class AdapterManager:
         if slot is not None and want.served_by(slot.adapter):
             if slot in self.closed:
                 return None
+            self.host.get(want.name)  # a use: its host copy, if any, becomes the most recent
             return self._take(slot, "device")
         adapter = self.host.get(want.name)
         if adapter is None or not want.served_by(adapter):

@@ -125,6 +125,56 @@ def build_adapter(base_dir: Path, out_dir: Path, seed: int = 0, **lora) -> Path:
     return Path(out_dir)
 
 
+FARM_TARGETS = [
+    "all-linear",
+    ["q_proj", "v_proj"],
+    ["q_proj", "k_proj", "v_proj", "o_proj"],
+    ["gate_proj", "up_proj", "down_proj"],
+    ["o_proj", "down_proj"],
+]
+
+
+def build_adapter_farm(base_dir: Path, out_dir: Path, count: int, seed: int = 0, max_rank: int = 64) -> list[str]:
+    """`count` adapters of mixed ranks (1..max_rank, log-uniform) and targets, written as PEFT writes them
+    (adapter_config.json + adapter_model.safetensors) without building a PEFT model each: thousands
+    take seconds. Returns their names."""
+    from safetensors.torch import save_file
+
+    base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
+    linear = {n: m for n, m in base.named_modules() if isinstance(m, torch.nn.Linear) and "lm_head" not in n}
+    gen = torch.Generator().manual_seed(seed)
+    names = []
+    for i in range(count):
+        rank = max(1, min(max_rank, round(2 ** (torch.rand(1, generator=gen).item() * 6.0))))
+        targets = FARM_TARGETS[i % len(FARM_TARGETS)]
+        chosen = [n for n in linear if targets == "all-linear" or n.rsplit(".", 1)[-1] in targets]
+        tensors = {}
+        for module in chosen:
+            d_out, d_in = linear[module].weight.shape
+            key = f"base_model.model.{module}"
+            tensors[f"{key}.lora_A.weight"] = torch.randn(rank, d_in, generator=gen) * 0.3
+            tensors[f"{key}.lora_B.weight"] = torch.randn(d_out, rank, generator=gen) * 0.3
+        name = f"farm-{i:04d}"
+        folder = Path(out_dir) / name
+        folder.mkdir(parents=True, exist_ok=True)
+        save_file(tensors, folder / "adapter_model.safetensors")
+        config = {
+            "peft_type": "LORA",
+            "task_type": "CAUSAL_LM",
+            "base_model_name_or_path": str(base_dir),
+            "r": rank,
+            "lora_alpha": 2 * rank if i % 2 else 16,
+            "use_rslora": i % 3 == 0,
+            "target_modules": targets,
+            "lora_dropout": 0.0,
+            "bias": "none",
+            "fan_in_fan_out": False,
+        }
+        (folder / "adapter_config.json").write_text(json.dumps(config))
+        names.append(name)
+    return names
+
+
 def build_model(out_dir: Path, vocab_size: int = 1024, **config) -> Path:
     """Tokenizer + random base model (build_base's arch, seed and config) in one folder."""
     tokenizer = build_tokenizer(out_dir, vocab_size)

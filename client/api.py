@@ -33,6 +33,7 @@ class Chunk:
     token_ids: list[int] | None = None
     log_probs: list[float] | None = None
     finish_reason: str = ""
+    adapter_version: str = ""  # content hash of the adapter version that served it
 
 
 def make_inputs(module, **values) -> list:
@@ -67,11 +68,13 @@ def to_chunk(result) -> Chunk:
     ids = get("output_ids")
     logp = get("output_log_probs")
     reason = get("finish_reason")
+    version = get("adapter_version")
     return Chunk(
         text=text.reshape(-1)[0].decode() if text is not None else "",
         token_ids=ids.reshape(-1).tolist() if ids is not None else None,
         log_probs=logp.reshape(-1).tolist() if logp is not None else None,
         finish_reason=reason.reshape(-1)[0].decode() if reason is not None else "",
+        adapter_version=version.reshape(-1)[0].decode() if version is not None else "",
     )
 
 
@@ -117,6 +120,7 @@ def generate(url: str, model: str, **values) -> Chunk:
         whole.token_ids += chunk.token_ids or []
         whole.log_probs += chunk.log_probs or []
         whole.finish_reason = chunk.finish_reason or whole.finish_reason
+        whole.adapter_version = chunk.adapter_version or whole.adapter_version
     return whole
 
 

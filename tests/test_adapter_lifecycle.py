@@ -1,0 +1,204 @@
+"""Adapter lifecycle through the real tritonserver: tiers, pinning, updates and deletions of adapter
+folders, admission when adapters outnumber slots. One server: max_loras 3, one of them pinned."""
+
+import json
+import os
+import shutil
+import threading
+import time
+
+import pytest
+
+from backend.config import ENV_ADAPTER_DIR, ENV_BASE_MODEL
+from client.api import InferenceServerException, generate, stream
+from client.server import TritonServer
+from tests.conftest import peft_generate
+from tests.test_engine import prompts
+
+COPIES = {
+    "pinned": "qv-r4",
+    "good": "all-r16-pattern",
+    "a1": "mlp-r64",
+    "a2": "qv-r4",
+    "a3": "all-r16-pattern",
+    "a4": "mlp-r64",
+    "upd": "qv-r4",
+    "del": "all-r16-pattern",
+    "bad": "qv-r4",
+}
+NEVER = -1  # an end_id no token has: long requests run their max_tokens
+
+
+@pytest.fixture(scope="module")
+def adapter_dir(assets, tmp_path_factory):
+    root = tmp_path_factory.mktemp("lifecycle") / "adapters"
+    for name, source in COPIES.items():
+        shutil.copytree(assets / "adapters" / source, root / name)
+    cfg = json.loads((root / "bad" / "adapter_config.json").read_text())
+    (root / "bad" / "adapter_config.json").write_text(json.dumps({**cfg, "r": 5}))  # its tensors have rank 4
+    return root
+
+
+@pytest.fixture(scope="module")
+def lserver(assets, adapter_dir):
+    env = {
+        ENV_BASE_MODEL: str(assets / "base"),
+        ENV_ADAPTER_DIR: str(adapter_dir),
+        "LORA_MAX_LORAS": "3",
+        "LORA_PINNED_LORAS": "pinned",
+        "LORA_HOST_LORA_MEMORY": "64MiB",
+    }
+    with TritonServer(env=env, models=["lora_llm"]) as server:
+        yield server
+
+
+def ids(vocab_seed: int, n: int = 6) -> list[int]:
+    return prompts(512, [n], seed=vocab_seed)[0]
+
+
+def run(server, name: str, p: list[int], max_tokens: int = 4):
+    return generate(server.grpc_url, "lora_llm", input_ids=p, lora_name=name or None, max_tokens=max_tokens)
+
+
+class Background:
+    """A streamed request (no end_id) read on its own thread, with the arrival time of each token."""
+
+    def __init__(self, server, name: str, p: list[int], max_tokens: int):
+        self.tokens, self.times, self.versions, self.error = [], [], set(), None
+        self.first = threading.Event()
+        self.thread = threading.Thread(target=self._read, args=(server, name, p, max_tokens), daemon=True)
+        self.thread.start()
+
+    def _read(self, server, name, p, max_tokens):
+        try:
+            values = dict(input_ids=p, lora_name=name or None, max_tokens=max_tokens, end_id=NEVER, stream=True)
+            for chunk in stream(server.grpc_url, "lora_llm", **values):
+                self.tokens += chunk.token_ids
+                self.times += [time.monotonic()] * len(chunk.token_ids)
+                self.versions.add(chunk.adapter_version)
+                self.first.set()
+        except Exception as e:
+            self.error = e
+        finally:
+            self.first.set()
+
+    def join(self, timeout: float = 120.0) -> "Background":
+        self.thread.join(timeout)
+        assert not self.thread.is_alive(), "a streamed request did not end"
+        assert self.error is None, self.error
+        return self
+
+
+def test_a_pinned_adapter_is_resident_from_the_start_and_never_evicted(lserver, peft_model):
+    assert lserver.metric("lora_adapter_resident_bytes", adapter="pinned", tier="device") > 0
+    assert lserver.metric("lora_adapter_resident_bytes", adapter="pinned", tier="host") > 0
+    for i, name in enumerate(["a1", "a2", "a3", "a4", "a1", "a3"]):  # 4 adapters through 2 free slots
+        p = ids(i)
+        assert run(lserver, name, p).token_ids == peft_generate(peft_model, p, COPIES[name], 4)
+    assert lserver.metric("lora_adapter_evictions_total", adapter="a1", tier="device") >= 1
+    hits = lserver.metric("lora_cache_hits_total", adapter="pinned", tier="device")
+    p = ids(9)
+    assert run(lserver, "pinned", p).token_ids == peft_generate(peft_model, p, "qv-r4", 4)
+    assert lserver.metric("lora_cache_hits_total", adapter="pinned", tier="device") == hits + 1
+    assert lserver.metric("lora_cache_misses_total", adapter="pinned") == 0
+    assert lserver.metric("lora_adapter_evictions_total", adapter="pinned") == 0
+
+
+def test_a_bad_adapter_does_not_evict_a_good_one(lserver, peft_model):
+    for name in ("good", "a2"):  # both free slots now hold good adapters, idle
+        run(lserver, name, ids(1))
+    evicted = lserver.metric("lora_adapter_evictions_total", tier="device")
+    hits = lserver.metric("lora_cache_hits_total", adapter="good", tier="device")
+    with pytest.raises(InferenceServerException, match="LoRA adapter 'bad'.*rank 5.*rank 4"):
+        run(lserver, "bad", ids(2))
+    assert lserver.metric("lora_adapter_evictions_total", tier="device") == evicted
+    assert lserver.metric("lora_adapter_load_failures_total", adapter="bad") == 1
+    p = ids(3)
+    assert run(lserver, "good", p).token_ids == peft_generate(peft_model, p, "all-r16-pattern", 4)
+    assert lserver.metric("lora_cache_hits_total", adapter="good", tier="device") == hits + 1
+
+
+def replace_files(src, dst) -> None:
+    """Replaces an adapter's two files the way the README says: each written beside it, then renamed."""
+    for f in ("adapter_model.safetensors", "adapter_config.json"):
+        shutil.copyfile(src / f, dst / f"{f}.new")
+        os.replace(dst / f"{f}.new", dst / f)
+
+
+def test_a_running_request_keeps_its_version_while_new_ones_get_the_update(lserver, assets, adapter_dir, peft_model):
+    p_old, p_new = ids(4), ids(5)
+    before = run(lserver, "upd", p_new)
+    running = Background(lserver, "upd", p_old, 200)
+    assert running.first.wait(60) and running.thread.is_alive()
+    replace_files(assets / "adapters" / "mlp-r64", adapter_dir / "upd")
+    after = run(lserver, "upd", p_new)
+    assert running.thread.is_alive(), "the long request ended before the update was served"
+    running.join()
+    assert before.token_ids == peft_generate(peft_model, p_new, "qv-r4", 4)
+    assert after.token_ids == peft_generate(peft_model, p_new, "mlp-r64", 4)
+    assert running.tokens == peft_generate(peft_model, p_old, "qv-r4", 200, NEVER)
+    assert running.versions == {before.adapter_version} and after.adapter_version != before.adapter_version
+    assert len(after.adapter_version) == 16
+    assert lserver.metric("lora_adapter_updates_total", adapter="upd") == 1
+
+
+def test_a_deleted_folder_gives_not_found_and_running_requests_finish(lserver, adapter_dir, peft_model):
+    p = ids(6)
+    running = Background(lserver, "del", p, 200)
+    assert running.first.wait(60) and running.thread.is_alive()
+    shutil.rmtree(adapter_dir / "del")
+    with pytest.raises(InferenceServerException, match="LoRA adapter 'del' not found"):
+        run(lserver, "del", ids(7))
+    assert running.thread.is_alive()
+    running.join()
+    assert running.tokens == peft_generate(peft_model, p, "all-r16-pattern", 200, NEVER)
+
+
+def test_a_base_request_never_waits_for_a_slot(lserver, peft_model):
+    """Both free slots held by long streams, a third adapter waiting for one: a base request sent after
+    it is answered while the holders still run; the adapter request starts only once one has ended."""
+    holders = [Background(lserver, name, ids(10 + i), 240) for i, name in enumerate(["a1", "a3"])]
+    for h in holders:
+        assert h.first.wait(60)
+    waiter = Background(lserver, "a4", ids(12), 4)
+    p = ids(13)
+    base = run(lserver, "", p)
+    done = time.monotonic()
+    waiter.join()
+    for h in holders:
+        h.join()
+    freed = min(h.times[-1] for h in holders)
+    assert base.token_ids == peft_generate(peft_model, p, "", 4)
+    assert waiter.tokens == peft_generate(peft_model, ids(12), "mlp-r64", 4, NEVER)
+    assert done < freed, "the holders ended before the base request was answered: the test proves nothing"
+    assert waiter.times[0] >= freed, "the adapter request ran while both slots were held"
+
+
+def test_no_adapter_starves_behind_requests_for_resident_ones(lserver, peft_model):
+    """Worst case for grouping: overlapping requests keep both free slots busy without pause. A request
+    for a third adapter still gets a slot, within a few request lengths, while that traffic goes on."""
+    stop = time.monotonic() + 8
+    served = {"a1": 0, "a2": 0}
+
+    def traffic(name, seed):
+        i = 0
+        while time.monotonic() < stop:
+            run(lserver, name, ids(seed + i), 60)
+            served[name] += 1
+            i += 1
+
+    threads = [threading.Thread(target=traffic, args=(n, 100 * k + j)) for k, n in enumerate(served) for j in (0, 30, 60, 90)]
+    for t in threads:
+        t.start()
+    time.sleep(1.0)
+    p = ids(20)
+    start = time.monotonic()
+    x = run(lserver, "good", p)
+    waited = time.monotonic() - start
+    during = dict(served)
+    for t in threads:
+        t.join()
+    print(f"\nstarvation test: the third adapter waited {waited:.2f} s; traffic served {during} before, {served} in all")
+    assert x.token_ids == peft_generate(peft_model, p, "all-r16-pattern", 4)
+    assert time.monotonic() - stop < 5 and waited < 10, "the request waited for the traffic to end"
+    assert all(served[n] > during[n] for n in served), "the other traffic stopped"

@@ -1,0 +1,148 @@
+"""Adapter tiers in the engine, step by step: the host tier's byte budget and LRU order, the admission
+order when adapters outnumber slots, and decoding that goes on while an adapter is read from disk."""
+
+import statistics
+import threading
+import time
+
+import pytest
+
+from backend.adapters import AdapterStore
+from backend.demo import build_adapter
+from backend.engine import Output
+from tests.conftest import peft_generate
+from tests.test_engine import Collector, drive, engines, make_engine, prompts, request, vocab, warm  # noqa: F401 (fixtures)
+
+NEVER = -1  # an end_id no token has
+
+
+def file_bytes(folder) -> int:
+    return sum(f.stat().st_size for f in folder.iterdir())
+
+
+def test_the_host_tier_keeps_its_budget_and_evicts_the_least_recently_used(assets, peft_model, vocab, engines):
+    root = assets / "adapters"
+    small, medium, big = "qv-r4", "attn-r8-rslora", "mlp-r64"
+    budget = file_bytes(root / small) + file_bytes(root / big) + 1024  # no room for all three
+    engine = make_engine(assets / "base", root, max_loras=4, host_lora_memory=str(budget))
+    engines.append(engine)
+    p = prompts(vocab, [5], seed=3)[0]
+    for name in (small, medium, small, big):  # small is then more recent than medium: medium goes
+        c = Collector()
+        engine.submit(request(p, name, 3), c)
+        drive(engine, [c])
+        assert c.final.token_ids == peft_generate(peft_model, p, name, 3)
+        assert engine.adapters.host.used <= budget
+    assert list(engine.adapters.host.entries) == [small, big]
+    m = engine.metrics
+    assert m.get("lora_adapter_evictions_total", adapter=medium, tier="host") == 1
+    assert m.get("lora_adapter_evictions_total", adapter=small, tier="host") == 0
+    assert m.get("lora_tier_bytes", tier="host") == engine.adapters.host.used <= budget
+    # still in a device slot: served without a read
+    c = Collector()
+    engine.submit(request(p, medium, 3), c)
+    drive(engine, [c])
+    assert c.final.token_ids == peft_generate(peft_model, p, medium, 3)
+    assert m.get("lora_cache_hits_total", adapter=medium, tier="device") == 1
+    assert m.get("lora_adapter_loads_total", adapter=medium) == 1
+    # an adapter larger than the whole budget is refused at once, with the numbers
+    tiny = make_engine(assets / "base", root, host_lora_memory="1000")
+    engines.append(tiny)
+    with pytest.raises(Exception, match=r"LoRA adapter 'qv-r4' is \d+ bytes on disk, more than the 1000 bytes"):
+        tiny.submit(request(p, small, 3), Collector())
+
+
+def test_too_many_pinned_adapters_fail_the_load(assets):
+    with pytest.raises(ValueError, match="2 pinned adapters leave none of the 2 slots"):
+        make_engine(assets / "base", assets / "adapters", max_loras=2, pinned_loras="qv-r4,mlp-r64")
+
+
+def test_a_request_waiting_for_a_slot_is_not_starved_by_later_ones(assets, peft_model, vocab, engines):
+    """max_loras 2, both slots busy (A, B) and fed a new request every step. X waits: A's slot (the least
+    recently used) takes no new requests until it frees up, then X runs. B's keep joining meanwhile."""
+    a, b, x = "qv-r4", "mlp-r64", "all-r16-pattern"
+    engine = warm(make_engine(assets / "base", assets / "adapters", max_loras=2, max_num_seqs=16), a, b, x)
+    engines.append(engine)
+    ps = prompts(vocab, [5] * 64, seed=11)
+    first = {name: Collector() for name in (a, b)}
+    engine.submit(request(ps[0], a, 6), first[a])
+    engine.step()
+    engine.submit(request(ps[1], b, 40), first[b])
+    engine.step()
+    cx = Collector()
+    engine.submit(request(ps[2], x, 3), cx)
+    later: list[tuple[str, Collector, int]] = []
+    admitted: dict[int, int] = {}  # id(collector) -> step it joined
+    step = 0
+    while not cx.done.is_set() and step < 100:
+        for name in (a, b):
+            c = Collector()
+            engine.submit(request(ps[3 + len(later)], name, 6), c)
+            later.append((name, c, step))
+        engine.step()
+        step += 1
+        for seq in engine.running:
+            admitted.setdefault(id(seq.emit), step)
+    assert cx.done.is_set() and cx.final.error is None
+    x_step = admitted[id(cx)]
+    a_after = [admitted.get(id(c)) for name, c, _ in later if name == a]
+    b_after = [admitted.get(id(c)) for name, c, _ in later if name == b]
+    assert all(s is None or s >= x_step for s in a_after), "an A request that came after X ran before it"
+    assert any(s is not None and s < x_step for s in b_after), "B's requests did not keep joining"
+    assert x_step <= 8, f"X waited {x_step} steps"
+    assert cx.final.token_ids == peft_generate(peft_model, ps[2], x, 3)
+    drive(engine, [c for _, c, _ in later] + list(first.values()), max_steps=400)
+    for name, c, _ in later[:6]:
+        assert c.final.error is None
+
+
+class Timed(Collector):
+    def __init__(self):
+        super().__init__()
+        self.times: list[float] = []
+
+    def __call__(self, out: Output) -> None:
+        self.times += [time.monotonic()] * len(out.token_ids)
+        super().__call__(out)
+
+
+def test_decoding_goes_on_while_an_adapter_is_read(assets, vocab, tmp_path, monkeypatch, engines):
+    """A cold read of a rank-64 all-linear adapter from a slow disk (each file read takes 0.25 s more):
+    the running sequence's tokens keep coming at their usual pace, and the adapter request then runs."""
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM
+
+    build_adapter(assets / "base", tmp_path / "big", seed=5, r=64, lora_alpha=32, target_modules="all-linear")
+    read = AdapterStore._read
+
+    def slow_read(self, *args):
+        time.sleep(0.25)
+        return read(self, *args)
+
+    monkeypatch.setattr(AdapterStore, "_read", slow_read)
+    engine = make_engine(assets / "base", tmp_path).start()
+    engines.append(engine)
+    p_run, p_new = prompts(vocab, [6, 6], seed=13)
+    running, cold = Timed(), Timed()
+    engine.submit(request(p_run, "", 240, stream=True, end_id=NEVER), running)
+    while len(running.times) < 10:
+        time.sleep(0.005)
+    sent = time.monotonic()
+    engine.submit(request(p_new, "big", 4, stream=True), cold)
+    assert cold.done.wait(30) and running.done.wait(60)
+    assert cold.final.error is None
+    first = cold.times[0]
+    during = [t for t in running.times if sent <= t <= first]
+    gaps = [b - a for a, b in zip(during, during[1:])]
+    before = [b - a for a, b in zip(running.times[:10], running.times[1:10])]
+    print(
+        f"\ncold read {first - sent:.2f} s (slow disk: 2 x 0.25 s); {len(during)} tokens of the running "
+        f"sequence meanwhile; gap median {statistics.median(gaps) * 1e3:.1f} ms, max {max(gaps) * 1e3:.1f} ms "
+        f"(before the read: median {statistics.median(before) * 1e3:.1f} ms)"
+    )
+    assert first - sent >= 0.5 and len(during) >= 20 and running.times[-1] > first
+    assert max(gaps) < 0.25, "the running sequence paused during the read"
+    base = AutoModelForCausalLM.from_pretrained(assets / "base")
+    model = PeftModel.from_pretrained(base, tmp_path / "big", adapter_name="big").eval()
+    assert cold.token_ids == peft_generate(model, p_new, "big", 4)
+    assert engine.metrics.get("lora_adapter_load_seconds_count", adapter="big") == 1
