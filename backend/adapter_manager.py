@@ -309,7 +309,9 @@ class AdapterManager:
             old.pinned = False  # an outdated version: freed once its sequences are done
         slot.adapter, slot.pinned = adapter, adapter.name in self.pinned
         self.by_name[adapter.name] = slot
-        self.metrics.gauge("lora_adapter_resident_bytes", self._device_bytes(adapter), adapter=adapter.name, tier="device")
+        self.metrics.gauge(
+            "lora_adapter_resident_bytes", self._device_bytes(adapter), adapter=adapter.name, tier="device"
+        )
 
     def _evicted(self, name: str, tier: str) -> None:
         self.metrics.inc("lora_adapter_evictions_total", adapter=name, tier=tier)

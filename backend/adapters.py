@@ -173,6 +173,8 @@ class AdapterStore:
         try:
             config, config_stamp = self._read(name, folder / CONFIG_FILE, 2**20)
             weights, weights_stamp = self._read(name, folder / WEIGHTS_FILE, self.max_file_bytes)
+            if file_stamp((folder / CONFIG_FILE).stat()) != config_stamp:  # never a config and weights of two versions
+                raise invalid(f"LoRA adapter '{name}': {CONFIG_FILE} changed while it was read; try again")
             digest = hashlib.sha256(config)
             digest.update(b"\0")
             digest.update(weights)  # releases the GIL: the engine thread steps meanwhile

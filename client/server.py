@@ -129,11 +129,12 @@ class TritonServer:
         with urllib.request.urlopen(f"http://localhost:{self.metrics_port}/metrics", timeout=5) as r:
             return r.read().decode()
 
-    def metric(self, name: str, **labels: str) -> float:
-        """Sum of a Prometheus metric over its series whose labels include `labels`."""
+    def metric(self, name: str, **labels: str | None) -> float:
+        """Sum of a Prometheus metric over its series whose labels include `labels` (a label given as
+        None: the series has no such label, e.g. adapter=None for the series over all adapters)."""
         total = 0.0
         for series, value in re.findall(rf"^{name}{{([^}}]*)}} (\S+)$", self.metrics(), re.M):
-            if all(f'{k}="{v}"' in series for k, v in labels.items()):
+            if all((f'{k}="{v}"' in series) if v is not None else (f'{k}="' not in series) for k, v in labels.items()):
                 total += float(value)
         return total
 

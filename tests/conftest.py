@@ -37,6 +37,20 @@ def peft_model(assets):
     return model.eval()
 
 
+@pytest.fixture(scope="session")
+def vocab(peft_model) -> int:
+    return peft_model.get_input_embeddings().num_embeddings
+
+
+@pytest.fixture
+def engines():
+    """Engines a test starts; shut down at teardown whatever happened."""
+    started = []
+    yield started
+    for e in started:
+        e.shutdown(timeout=10)
+
+
 def peft_generate(model, ids: list[int], adapter: str, max_tokens: int, end_id: int | None = None) -> list[int]:
     """Greedy tokens from PEFT's generate(..., adapter_names=[...]) (the base model for adapter "")."""
     with torch.no_grad():

@@ -89,6 +89,19 @@ class Background:
         return self
 
 
+def test_tier_series_exist_from_the_start(lserver):
+    text = lserver.metrics()
+    for series in [
+        'lora_tier_budget_bytes{model="lora_llm",tier="host"} 67108864',
+        'lora_tier_adapters{model="lora_llm",tier="device"} 1',  # the pinned one
+        'lora_adapter_loads_in_flight{model="lora_llm"} 0',
+        'lora_adapter_load_seconds_count{model="lora_llm"} 1',
+        'lora_cache_hits_total{adapter="pinned",model="lora_llm",tier="host"} 0',
+        'lora_adapter_evictions_total{adapter="pinned",model="lora_llm",tier="device"} 0',
+    ]:
+        assert series in text, series
+
+
 def test_a_pinned_adapter_is_resident_from_the_start_and_never_evicted(lserver, peft_model):
     assert lserver.metric("lora_adapter_resident_bytes", adapter="pinned", tier="device") > 0
     assert lserver.metric("lora_adapter_resident_bytes", adapter="pinned", tier="host") > 0
@@ -187,7 +200,9 @@ def test_no_adapter_starves_behind_requests_for_resident_ones(lserver, peft_mode
             served[name] += 1
             i += 1
 
-    threads = [threading.Thread(target=traffic, args=(n, 100 * k + j)) for k, n in enumerate(served) for j in (0, 30, 60, 90)]
+    threads = [
+        threading.Thread(target=traffic, args=(n, 100 * k + j)) for k, n in enumerate(served) for j in (0, 30, 60, 90)
+    ]
     for t in threads:
         t.start()
     time.sleep(1.0)
@@ -198,7 +213,9 @@ def test_no_adapter_starves_behind_requests_for_resident_ones(lserver, peft_mode
     during = dict(served)
     for t in threads:
         t.join()
-    print(f"\nstarvation test: the third adapter waited {waited:.2f} s; traffic served {during} before, {served} in all")
+    print(
+        f"\nstarvation test: the third adapter waited {waited:.2f} s; traffic served {during} before, {served} in all"
+    )
     assert x.token_ids == peft_generate(peft_model, p, "all-r16-pattern", 4)
     assert time.monotonic() - stop < 5 and waited < 10, "the request waited for the traffic to end"
     assert all(served[n] > during[n] for n in served), "the other traffic stopped"

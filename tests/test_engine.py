@@ -130,20 +130,6 @@ def total(engine: Engine, metric: str) -> float:
     return engine.metrics.total(metric)
 
 
-@pytest.fixture
-def engines():
-    """Engines a test starts; shut down at teardown whatever happened."""
-    started: list[Engine] = []
-    yield started
-    for e in started:
-        e.shutdown(timeout=10)
-
-
-@pytest.fixture(scope="module")
-def vocab(peft_model) -> int:
-    return peft_model.get_input_embeddings().num_embeddings
-
-
 # ------------------------------------------------------------------------ 1. parity across architectures
 
 LLAMA3_ROPE = dict(

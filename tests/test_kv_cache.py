@@ -18,11 +18,6 @@ from tests.test_engine import Collector, all_blocks_free, drive, make_engine, pr
 BYTES_PER_TOKEN = 2 * 2 * 2 * 16 * 4
 
 
-@pytest.fixture(scope="module")
-def vocab(peft_model) -> int:
-    return peft_model.get_input_embeddings().num_embeddings
-
-
 def test_budget_settings():
     assert parse_budget("auto") == (0.0, "auto")
     assert parse_budget("0.5") == (0.5, "fraction")
