@@ -49,6 +49,7 @@ class Slot:
     refs: int = 0  # running (or preempted) sequences that use it
     used: int = 0  # tick of its last acquire
     pinned: bool = False
+    nbytes: int = 0  # its adapter's values at their own rank, in the slot buffers' dtype
 
 
 class HostTier:
@@ -160,7 +161,10 @@ class AdapterManager:
         self.closed: set[Slot] = set()  # slots kept from new requests this round, to free up for older ones
         self.wanted: set[str] = set()
         self.tick = 0
-        self.slot_bytes = sum(w.nbytes for w in self._slot_weights())
+        weights = list({id(layer.w): layer.w for layer in lora.layers.values()}.values())
+        self.slot_bytes = sum(w.nbytes for w in weights)
+        self.itemsize = weights[0].a.element_size() if weights else 0
+        self.changed = True  # the tier gauges need publishing
         self.loader = Loader(store, wake or threading.Event())
         self.pinned_bytes = 0
         for name in pinned:
@@ -189,7 +193,8 @@ class AdapterManager:
         """Before an admission round: takes in finished reads; `wants` are the waiting requests'."""
         self.closed = set()
         self.wanted = {w.name for w in wants} | self.pinned
-        for name, result, began, seconds in self.loader.finished():
+        finished = self.loader.finished()
+        for name, result, began, seconds in finished:
             want = self.loading.pop(name)
             if isinstance(result, Adapter):
                 self._loaded(result, seconds)
@@ -197,7 +202,8 @@ class AdapterManager:
                 self.host.drop(name)
                 self.failed[name] = Failure(result, want.stamp, began)
                 self.metrics.inc("lora_adapter_load_failures_total", adapter=name)
-        self._publish()
+        if finished or self.changed:
+            self._publish()
 
     def acquire(self, want: Want) -> tuple[int, Adapter] | None:
         """A slot holding a version of the adapter that serves `want` (the caller holds it until
@@ -264,6 +270,7 @@ class AdapterManager:
         for name in evicted:
             self._evicted(name, "host")
         self.loading[want.name] = want
+        self.changed = True
         self.metrics.inc("lora_cache_misses_total", adapter=want.name)
         self.loader.submit(want.name)
 
@@ -308,30 +315,20 @@ class AdapterManager:
         if old is not None:
             old.pinned = False  # an outdated version: freed once its sequences are done
         slot.adapter, slot.pinned = adapter, adapter.name in self.pinned
+        slot.nbytes = sum(m.a.numel() + m.b.numel() for m in adapter.modules.values()) * self.itemsize
         self.by_name[adapter.name] = slot
-        self.metrics.gauge(
-            "lora_adapter_resident_bytes", self._device_bytes(adapter), adapter=adapter.name, tier="device"
-        )
+        self.metrics.gauge("lora_adapter_resident_bytes", slot.nbytes, adapter=adapter.name, tier="device")
+        self.changed = True
 
     def _evicted(self, name: str, tier: str) -> None:
         self.metrics.inc("lora_adapter_evictions_total", adapter=name, tier=tier)
         self.metrics.gauge("lora_adapter_resident_bytes", 0, adapter=name, tier=tier)
-
-    def _slot_weights(self):
-        seen = set()
-        for layer in self.lora.layers.values():
-            if id(layer.w) not in seen:
-                seen.add(id(layer.w))
-                yield layer.w
-
-    def _device_bytes(self, adapter: Adapter) -> int:
-        """Bytes of the adapter at its own rank in the slot buffers' dtype."""
-        itemsize = next(iter(self._slot_weights())).a.element_size()
-        return sum(m.a.numel() + m.b.numel() for m in adapter.modules.values()) * itemsize
+        self.changed = True
 
     def _publish(self) -> None:
-        resident = [s.adapter for s in self.slots if s.adapter is not None]
-        self.metrics.gauge("lora_tier_bytes", sum(self._device_bytes(a) for a in resident), tier="device")
+        self.changed = False
+        resident = [s for s in self.slots if s.adapter is not None]
+        self.metrics.gauge("lora_tier_bytes", sum(s.nbytes for s in resident), tier="device")
         self.metrics.gauge("lora_tier_adapters", len(resident), tier="device")
         self.metrics.gauge("lora_tier_budget_bytes", self.slot_bytes, tier="device")
         self.metrics.gauge("lora_tier_bytes", self.host.used, tier="host")
