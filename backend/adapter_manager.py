@@ -239,8 +239,11 @@ class AdapterManager:
         """Reads an adapter on this thread into the host tier (pinned adapters at start; tests)."""
         start = time.perf_counter()
         adapter = self.store.load(name)
-        if self.host.reserve(name, adapter.nbytes, self.wanted | {name}) is None:
+        evicted = self.host.reserve(name, adapter.nbytes, self.wanted | {name})
+        if evicted is None:
             raise invalid(f"LoRA adapter '{name}' ({adapter.nbytes} bytes) does not fit host_lora_memory")
+        for other in evicted:
+            self._evicted(other, "host")
         self._loaded(adapter, time.perf_counter() - start)
         self._publish()
         return adapter
