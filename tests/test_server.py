@@ -69,6 +69,12 @@ def test_ensemble_stream_equals_unary(server):
         assert [c.finish_reason for c in chunks] == [""] * (len(chunks) - 1) + ["length"]
         with_prompt = infer(server.http_url, "http", "lora_text", exclude_input_in_output=False, **values)
         assert with_prompt.text == prompt + unary_http.text
+        # every response names the adapter version that served it (none for the base model)
+        version = generate(server.grpc_url, "lora_llm", input_ids=[1, 5], lora_name=name, max_tokens=1).adapter_version
+        assert len(version) == (16 if name else 0)
+        assert (
+            {c.adapter_version for c in chunks} == {unary_http.adapter_version, unary_grpc.adapter_version} == {version}
+        )
 
 
 def test_token_stream_equals_unary(server):
