@@ -153,8 +153,7 @@ class Engine:
                 self.waiting.append(self.inbox.get_nowait())
             for seq in [*self.running, *self.waiting]:  # none after a normal stop
                 self._emit(seq, Output([], [], error=engine_stopped()))
-            if hasattr(self, "adapters"):
-                self.adapters.close()
+            self.adapters.close()
 
     def start(self) -> "Engine":
         self._go.set()
