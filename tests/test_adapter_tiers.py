@@ -52,9 +52,11 @@ def test_the_host_tier_keeps_its_budget_and_evicts_the_least_recently_used(asset
         tiny.submit(request(p, small, 3), Collector())
 
 
-def test_too_many_pinned_adapters_fail_the_load(assets):
+def test_pinned_adapters_that_cannot_be_served_fail_the_load(assets):
     with pytest.raises(ValueError, match="2 pinned adapters leave none of the 2 slots"):
         make_engine(assets / "base", assets / "adapters", max_loras=2, pinned_loras="qv-r4,mlp-r64")
+    with pytest.raises(Exception, match="LoRA adapter 'nope' not found"):
+        make_engine(assets / "base", assets / "adapters", pinned_loras="qv-r4, nope")
 
 
 def test_a_request_waiting_for_a_slot_is_not_starved_by_later_ones(assets, peft_model, vocab, engines):
