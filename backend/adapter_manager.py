@@ -239,11 +239,8 @@ class AdapterManager:
         """Reads an adapter on this thread into the host tier (pinned adapters at start; tests)."""
         start = time.perf_counter()
         adapter = self.store.load(name)
-        evicted = self.host.reserve(name, adapter.nbytes, self.wanted | {name})
-        if evicted is None:
+        if not self._make_room(name, adapter.nbytes, self.wanted | {name}):
             raise invalid(f"LoRA adapter '{name}' ({adapter.nbytes} bytes) does not fit host_lora_memory")
-        for other in evicted:
-            self._evicted(other, "host")
         self._loaded(adapter, time.perf_counter() - start)
         self._publish()
         return adapter
@@ -267,15 +264,19 @@ class AdapterManager:
         stale = self.host.drop(want.name)
         if stale is not None:
             self.metrics.gauge("lora_adapter_resident_bytes", 0, adapter=want.name, tier="host")
-        evicted = self.host.reserve(want.name, stamp_bytes(want.stamp), self.wanted)
-        if evicted is None:
+        if not self._make_room(want.name, stamp_bytes(want.stamp), self.wanted):
             return  # the host tier is full of adapters waiting requests need: read once they have run
-        for name in evicted:
-            self._evicted(name, "host")
         self.loading[want.name] = want
         self.changed = True
         self.metrics.inc("lora_cache_misses_total", adapter=want.name)
         self.loader.submit(want.name)
+
+    def _make_room(self, name: str, nbytes: int, keep: set[str]) -> bool:
+        """Reserves host bytes for a read of `name`, evicting (and counting) what it must; False if it cannot."""
+        evicted = self.host.reserve(name, nbytes, keep)
+        for other in evicted or []:
+            self._evicted(other, "host")
+        return evicted is not None
 
     def _loaded(self, adapter: Adapter, seconds: float) -> None:
         name = adapter.name

@@ -14,7 +14,7 @@ LOAD_BUCKETS = [0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.
 
 Labels = tuple[tuple[str, str], ...]
 
-# name -> (description, label sets of the series that exist from the start)
+# family name -> description
 COUNTERS = {
     "lora_requests_total": "Requests received, per adapter",
     "lora_generated_tokens_total": "Tokens generated, per adapter",

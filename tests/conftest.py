@@ -11,6 +11,7 @@ from backend.demo import DEMO_ADAPTERS, build_adapter, build_model
 from client.server import TritonServer
 
 ADAPTERS = DEMO_ADAPTERS  # ranks 4..64; targets as list, regex, all-linear; rsLoRA; rank/alpha_pattern
+NEVER = -1  # an end_id no token has: a request runs its max_tokens
 
 
 @pytest.fixture(scope="session")

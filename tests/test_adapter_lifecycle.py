@@ -12,7 +12,7 @@ import pytest
 from backend.config import ENV_ADAPTER_DIR, ENV_BASE_MODEL
 from client.api import InferenceServerException, generate, stream
 from client.server import TritonServer
-from tests.conftest import peft_generate
+from tests.conftest import NEVER, peft_generate
 from tests.test_engine import prompts
 
 COPIES = {
@@ -26,7 +26,6 @@ COPIES = {
     "del": "all-r16-pattern",
     "bad": "qv-r4",
 }
-NEVER = -1  # an end_id no token has: long requests run their max_tokens
 
 
 @pytest.fixture(scope="module")

@@ -10,10 +10,8 @@ import pytest
 from backend.adapters import AdapterStore
 from backend.demo import build_adapter, build_model
 from backend.engine import Output
-from tests.conftest import peft_generate
+from tests.conftest import NEVER, peft_generate
 from tests.test_engine import Collector, drive, make_engine, prompts, request, warm
-
-NEVER = -1  # an end_id no token has
 
 
 def file_bytes(folder) -> int:
