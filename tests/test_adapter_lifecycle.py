@@ -121,8 +121,11 @@ def test_a_bad_adapter_does_not_evict_a_good_one(lserver, peft_model):
         run(lserver, name, ids(1))
     evicted = lserver.metric("lora_adapter_evictions_total", tier="device")
     hits = lserver.metric("lora_cache_hits_total", adapter="good", tier="device")
+    beside = Background(lserver, "", ids(8), 240)  # a base stream runs through it (it holds no slot)
+    assert beside.first.wait(60)
     with pytest.raises(InferenceServerException, match="LoRA adapter 'bad'.*rank 5.*rank 4"):
         run(lserver, "bad", ids(2))
+    assert beside.join().tokens == peft_generate(peft_model, ids(8), "", 240, NEVER)
     assert lserver.metric("lora_adapter_evictions_total", tier="device") == evicted
     assert lserver.metric("lora_adapter_load_failures_total", adapter="bad") == 1
     p = ids(3)
