@@ -13,10 +13,8 @@ from pathlib import Path
 import torch
 
 from backend.errors import RequestError, invalid, not_found
+from backend.naming import CONFIG_FILE, WEIGHTS_FILE, check_name
 
-NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,127}$")
-CONFIG_FILE = "adapter_config.json"
-WEIGHTS_FILE = "adapter_model.safetensors"
 KEY_RE = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.(?P<part>lora_A|lora_B)\.weight$")
 
 # PEFT options whose effect we do not (yet) apply: serving them would silently change the output.
@@ -93,11 +91,6 @@ class Adapter:
 def stamp_bytes(stamp: Stamp) -> int:
     """Bytes the host tier holds for an adapter whose files have this stamp."""
     return stamp[0][1] + (stamp[1][1] if stamp[1] else 0)
-
-
-def check_name(name: str) -> None:
-    if not NAME_RE.fullmatch(name):
-        raise invalid(f"invalid LoRA adapter name {name!r}: must match {NAME_RE.pattern}")
 
 
 def pattern_value(patterns: dict, module: str, default):

@@ -36,7 +36,7 @@ from backend.kv_cache import parse_budget
 from backend.metrics import Metrics
 from backend.model_runner import ModelRunner, SeqWork
 from backend.request import GenerationRequest, Limits
-from backend.sampling import make_generator, sample
+from backend.sampling import Controls, make_generator, sample
 
 log = logging.getLogger("lora_engine")
 
@@ -48,6 +48,7 @@ class Output:
     finish_reason: str | None = None  # "stop" | "length"; None while more tokens follow
     error: RequestError | None = None
     adapter_version: str = ""  # content hash of the adapter version that served it ("" for the base)
+    step: int = 0  # the engine step in which it was made (its last token sampled): order as the engine saw it
 
 
 @dataclass(eq=False)
@@ -64,6 +65,11 @@ class Sequence:
     out_ids: list[int] = field(default_factory=list)
     out_logprobs: list[float] = field(default_factory=list)
     generator: torch.Generator | None = None
+
+    def controls(self) -> Controls:
+        req = self.req
+        banned = req.stop_ids if len(self.out_ids) < req.min_tokens else ()
+        return Controls(req.sampling, self.generator, self.tokens, self.out_ids, banned)
 
     def feed(self, n: int) -> SeqWork:
         """Its next n tokens for a step; it samples when they reach its last token."""
@@ -86,6 +92,7 @@ class Engine:
         self.lock = threading.Lock()  # submit vs. the loop's decision to stop
         self.wake = threading.Event()  # a request or an adapter read arrived
         self._go = threading.Event()
+        self.steps = 0  # forwards run so far
         loaded: queue.Queue[BaseException | None] = queue.Queue()
         self.thread = threading.Thread(target=self._main, args=(loaded,), name="lora-engine", daemon=True)
         self.thread.start()
@@ -124,12 +131,9 @@ class Engine:
             store, self.runner.lora, cfg.max_loras, int(host_budget), self.metrics, cfg.pinned, self.wake
         )
         eos = self.runner.model.generation_config.eos_token_id
+        eos = [] if eos is None else [eos] if isinstance(eos, int) else list(eos)
         self.limits = Limits(
-            self.runner.vocab_size,
-            self.runner.max_len,
-            cfg.default_max_tokens,
-            cfg.max_tokens_limit,
-            eos[0] if isinstance(eos, list) else eos,
+            self.runner.vocab_size, self.runner.max_len, cfg.default_max_tokens, cfg.max_tokens_limit, tuple(eos)
         )
         self.device = device
 
@@ -249,12 +253,13 @@ class Engine:
         work = self._schedule()
         if not work:
             return False
+        self.steps += 1
         self.metrics.step({s.req.lora_name for s, _ in work})
         fed = [s.feed(n) for s, n in work]
         sampled = [s for (s, _), w in zip(work, fed) if w.sample]  # its prompt is all in: it gets a token
         try:
             logits = self.runner.forward(self.runner.make_step(fed))
-            tokens, logprobs = sample(logits, [s.req.sampling for s in sampled], [s.generator for s in sampled])
+            tokens, logprobs = sample(logits, [s.controls() for s in sampled])
         except Exception as e:  # a failed step fails its requests, not the server
             log.exception("engine step failed")
             for seq in list(self.running):
@@ -335,7 +340,7 @@ class Engine:
         seq.out_ids.append(token)
         seq.out_logprobs.append(logprob)
         reason = None
-        if token == seq.req.end_id:
+        if token in seq.req.stop_ids:
             reason = "stop"
         elif len(seq.out_ids) >= seq.req.max_tokens:
             reason = "length"
@@ -360,9 +365,8 @@ class Engine:
         else:
             self._emit(seq, Output(seq.out_ids, seq.out_logprobs, reason))
 
-    @staticmethod
-    def _emit(seq: Sequence, out: Output) -> None:
-        out.adapter_version = seq.version
+    def _emit(self, seq: Sequence, out: Output) -> None:
+        out.adapter_version, out.step = seq.version, self.steps
         try:
             seq.emit(out)
         except Exception:  # a response that cannot be sent must not stop the others

@@ -7,8 +7,8 @@ from dataclasses import dataclass, field
 
 import numpy as np
 
-from backend.adapters import check_name
 from backend.errors import invalid
+from backend.naming import check_name
 
 _ids = itertools.count()
 
@@ -22,10 +22,18 @@ class SamplingParams:
     top_p: float = 1.0
     top_k: int = 0  # 0 = off
     seed: int | None = None
+    # OpenAI's penalties over the generated tokens (vLLM's formula), transformers' over prompt + output
+    presence_penalty: float = 0.0
+    frequency_penalty: float = 0.0
+    repetition_penalty: float = 1.0  # 1 = off
 
     @property
     def greedy(self) -> bool:
         return self.temperature == 0.0
+
+    @property
+    def penalized(self) -> bool:
+        return bool(self.presence_penalty or self.frequency_penalty) or self.repetition_penalty != 1.0
 
 
 @dataclass(frozen=True)
@@ -34,7 +42,7 @@ class Limits:
     max_model_len: int
     default_max_tokens: int
     max_tokens_limit: int
-    eos_id: int | None
+    eos_ids: tuple[int, ...]  # every end-of-turn id of the model (generation_config.eos_token_id)
 
 
 @dataclass
@@ -43,7 +51,8 @@ class GenerationRequest:
     max_tokens: int
     lora_name: str = ""  # "" = base model
     sampling: SamplingParams = SamplingParams()
-    end_id: int | None = None
+    stop_ids: tuple[int, ...] = ()  # a generated id among them ends the sequence (it is returned)
+    min_tokens: int = 0  # the stop ids are masked until this many tokens are generated
     stream: bool = False
     echo_prompt: bool = False  # unary only: output_ids start with the prompt (exclude_input_in_output=false)
     is_cancelled: Callable[[], bool] = lambda: False
@@ -107,14 +116,34 @@ def parse_request(inputs: dict[str, np.ndarray], limits: Limits) -> GenerationRe
         raise invalid(f"top_p must be in (0, 1], got {top_p}")
     if top_k < 0:
         raise invalid(f"top_k must be >= 0, got {top_k}")
-    sampling = SamplingParams(temperature, top_p, top_k, _scalar(inputs, "seed", int))
+    sampling = SamplingParams(temperature, top_p, top_k, _scalar(inputs, "seed", int), *penalties(inputs))
+    min_tokens = _scalar(inputs, "min_length", int, 0)
+    if not 0 <= min_tokens <= max_tokens:
+        raise invalid(f"min_length must be in [0, max_tokens={max_tokens}], got {min_tokens}")
+    end_id = _scalar(inputs, "end_id", int)
+    stop_ids = limits.eos_ids if end_id is None else (end_id,)  # end_id -1: none
+    stop_ids = tuple(i for i in stop_ids if 0 <= i < limits.vocab_size)
     stream = bool(_scalar(inputs, "stream", bool, False))
     return GenerationRequest(
         input_ids=ids.tolist(),
         max_tokens=max_tokens,
         lora_name=lora_name,
         sampling=sampling,
-        end_id=_scalar(inputs, "end_id", int, limits.eos_id),
+        stop_ids=() if _scalar(inputs, "ignore_eos", bool, False) else stop_ids,
+        min_tokens=min_tokens,
         stream=stream,
         echo_prompt=not stream and not _scalar(inputs, "exclude_input_in_output", bool, True),
     )
+
+
+def penalties(inputs: dict[str, np.ndarray]) -> tuple[float, float, float]:
+    """(presence, frequency, repetition): OpenAI's range for the first two, > 0 for the last."""
+    presence = _scalar(inputs, "presence_penalty", float, 0.0)
+    frequency = _scalar(inputs, "frequency_penalty", float, 0.0)
+    repetition = _scalar(inputs, "repetition_penalty", float, 1.0)
+    for name, value in [("presence_penalty", presence), ("frequency_penalty", frequency)]:
+        if not -2.0 <= value <= 2.0:
+            raise invalid(f"{name} must be in [-2, 2], got {value}")
+    if not (math.isfinite(repetition) and repetition > 0):
+        raise invalid(f"repetition_penalty must be > 0, got {repetition}")
+    return presence, frequency, repetition

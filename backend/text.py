@@ -50,10 +50,11 @@ class TextCodec:
         model_config = json.loads(config.read_text()) if config.is_file() else {}
         self.max_text_bytes = context_length(model_config, max_model_len) * longest
 
-    def encode(self, text: str) -> list[int]:
-        return self._encode(text)
+    def encode(self, text: str, special: bool = True) -> list[int]:
+        """special: with the tokenizer's added tokens (BOS); a chat template writes its own."""
+        return self._encode(text, special)
 
-    def encode_prompt(self, text: str) -> list[int]:
+    def encode_prompt(self, text: str, special: bool = True) -> list[int]:
         """encode, refusing text too long for any prompt before the tokenizer spends time on it."""
         if self.max_text_bytes and len(text) * 4 > self.max_text_bytes:  # 4 = most UTF-8 bytes per char
             size = len(text.encode())
@@ -61,7 +62,7 @@ class TextCodec:
                 raise invalid(
                     f"text_input of {size} bytes cannot fit the context (at most {self.max_text_bytes} bytes)"
                 )
-        return self._encode(text)
+        return self._encode(text, special)
 
     def decode(self, ids) -> str:
         """Text of `ids`: a whole sequence if it starts with BOS, else a continuation of one."""
@@ -113,3 +114,38 @@ class StreamChunker:
         decode = self.codec.decode
         text = decode(ids)
         return text != "" and not text.endswith("\ufffd") and decode(self.sent + ids) == decode(self.sent) + text
+
+
+MAX_STOP_STRINGS = 4
+
+
+class StopStrings:
+    """Finds the first stop string in generated text as it arrives in pieces. `add` returns the text
+    that can go out (none of it can begin a stop string) and whether a stop string was found; the
+    text is then cut before it. What may still begin one is held until `flush`."""
+
+    def __init__(self, stops: list[str]):
+        self.stops = [s for s in stops if s]
+        self.held = ""
+
+    def add(self, piece: str) -> tuple[str, bool]:
+        text = self.held + piece
+        found = [i for i in (text.find(s) for s in self.stops) if i >= 0]
+        if found:
+            self.held = ""
+            return text[: min(found)], True
+        keep = max((k for s in self.stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+        self.held = text[len(text) - keep :] if keep else ""
+        return text[: len(text) - keep], False
+
+    def flush(self) -> str:
+        text, self.held = self.held, ""
+        return text
+
+
+def check_stop_strings(stops: list[str]) -> list[str]:
+    if len(stops) > MAX_STOP_STRINGS:
+        raise invalid(f"at most {MAX_STOP_STRINGS} stop strings, got {len(stops)}")
+    if any(not s for s in stops):
+        raise invalid("a stop string is empty")
+    return stops

@@ -15,9 +15,12 @@ import triton_python_backend_utils as pb_utils
 from backend import triton_io as io
 from backend.config import EngineConfig
 from backend.errors import RequestError, code_of, invalid, unavailable
-from backend.text import TextCodec
+from backend.text import StopStrings, TextCodec, check_stop_strings
 
-FORWARDED = ["lora_name", "max_tokens", "temperature", "top_p", "top_k", "seed", "end_id", "exclude_input_in_output"]
+FORWARDED = [
+    *("lora_name", "max_tokens", "temperature", "top_p", "top_k", "seed", "end_id", "exclude_input_in_output"),
+    *("min_length", "presence_penalty", "frequency_penalty", "repetition_penalty", "ignore_eos"),
+]
 MAX_WORKERS = 512  # requests answered at once; past it they queue here (the engine has its own bound)
 
 
@@ -68,9 +71,12 @@ class TextDoor:
         if stream and not self.streams:
             raise invalid("lora_text answers once; stream with the 'ensemble' model")
         ids = self.codec.encode_prompt(io.scalar(values, "text_input", ""))
+        stops = stop_strings(values)
+        echo = stops is not None and not stream and not io.scalar(values, "exclude_input_in_output", True)
         tensors = [io.tensor("input_ids", ids, np.int64)]
         tensors += [pb_utils.Tensor(name, values[name]) for name in FORWARDED if name in values]
-        if stream:
+        if stream or stops is not None:  # stop strings are looked for as the text comes
+            tensors = [t for t in tensors if t.name() != "exclude_input_in_output"]
             tensors += [io.tensor(name, [True], np.bool_) for name in ("stream", "stream_whole_chars")]
         call = pb_utils.InferenceRequest(
             model_name="lora_llm",
@@ -81,7 +87,12 @@ class TextDoor:
         )
         responses = call.exec(decoupled=True)
         try:
-            return self.read(responses, sender, stream)
+            final = self.read(responses, sender, stream, stops)
+            if stops is not None and final[1] == "stop":  # cut short: the rest is not wanted
+                self.stops.stop(key)
+                for _ in responses:
+                    pass
+            return text_response(self.codec.decode(ids) + final[0] if echo else final[0], *final[1:])
         except RequestError:  # lora_llm's error: always its final response, the stream has ended
             raise
         except BaseException:  # left mid-stream: lora_llm ends the request, its last responses are read here
@@ -92,7 +103,8 @@ class TextDoor:
         finally:
             self.spent.keep(responses)
 
-    def read(self, responses, sender, stream: bool):
+    def read(self, responses, sender, stream: bool, stops: StopStrings | None) -> tuple[str, str, str]:
+        """(text, finish_reason, adapter_version) of the final response; streamed ones are sent here."""
         pieces, finish, version = [], "", ""
         for response in responses:
             if response.has_error():
@@ -105,11 +117,19 @@ class TextDoor:
             if error := io.error_in(finish):
                 raise error
             version = io.first(pb_utils.get_output_tensor_by_name(response, "adapter_version").as_numpy())
+            text, hit = self.codec.decode(ids), False
+            if stops is not None:
+                text, hit = stops.add(text)
+                finish = "stop" if hit else finish
+                text += stops.flush() if finish and not hit else ""
             if stream and not finish:
-                sender.send(text_response(self.codec.decode(ids), "", version))
+                if text:
+                    sender.send(text_response(text, "", version))
             else:
-                pieces.append(self.codec.decode(ids))
-        return text_response("".join(pieces), finish, version)
+                pieces.append(text)
+            if hit:
+                break
+        return "".join(pieces), finish, version
 
     def finalize(self):
         self.watch.close()
@@ -121,3 +141,14 @@ class TextDoor:
 def text_response(text: str, finish: str, version: str):
     values = {"text_output": text, "finish_reason": finish, "adapter_version": version}
     return pb_utils.InferenceResponse([io.tensor(name, [v], np.object_) for name, v in values.items()])
+
+
+def stop_strings(values: dict) -> StopStrings | None:
+    array = values.get("stop_words")
+    if array is None or array.size == 0:
+        return None
+    try:
+        words = [w.decode("utf-8") if isinstance(w, bytes) else str(w) for w in array.reshape(-1)]
+    except UnicodeDecodeError as e:
+        raise invalid("stop_words is not valid UTF-8") from e
+    return StopStrings(check_stop_strings(words))

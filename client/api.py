@@ -22,6 +22,12 @@ DTYPES = {
     "exclude_input_in_output": ("BOOL", np.bool_),
     "stream_whole_chars": ("BOOL", np.bool_),
     "text_input": ("BYTES", np.object_),
+    "min_length": ("INT32", np.int32),
+    "presence_penalty": ("FP32", np.float32),
+    "frequency_penalty": ("FP32", np.float32),
+    "repetition_penalty": ("FP32", np.float32),
+    "ignore_eos": ("BOOL", np.bool_),
+    "stop_words": ("BYTES", np.object_),  # a list of strings
 }
 
 
@@ -34,6 +40,7 @@ class Chunk:
     log_probs: list[float] | None = None
     finish_reason: str = ""
     adapter_version: str = ""  # content hash of the adapter version that served it
+    engine_step: int = 0  # lora_llm: the engine step in which its last token was sampled
 
 
 def make_inputs(module, **values) -> list:
@@ -47,8 +54,8 @@ def make_inputs(module, **values) -> list:
             triton_type = "INT64"
         else:
             triton_type, dtype = DTYPES[name]
-            value = value.encode() if isinstance(value, str) else value
-            array = np.array([[value]], dtype=dtype)
+            values = value if isinstance(value, list) else [value]
+            array = np.array([[v.encode() if isinstance(v, str) else v for v in values]], dtype=dtype)
         tensor = module.InferInput(name, list(array.shape), triton_type)
         tensor.set_data_from_numpy(array)
         inputs.append(tensor)
@@ -69,12 +76,14 @@ def to_chunk(result) -> Chunk:
     logp = get("output_log_probs")
     reason = get("finish_reason")
     version = get("adapter_version")
+    step = get("engine_step")
     return Chunk(
         text=text.reshape(-1)[0].decode() if text is not None else "",
         token_ids=ids.reshape(-1).tolist() if ids is not None else None,
         log_probs=logp.reshape(-1).tolist() if logp is not None else None,
         finish_reason=reason.reshape(-1)[0].decode() if reason is not None else "",
         adapter_version=version.reshape(-1)[0].decode() if version is not None else "",
+        engine_step=int(step.reshape(-1)[0]) if step is not None else 0,
     )
 
 
@@ -112,16 +121,49 @@ def stream(url: str, model: str, timeout: float = 300.0, **values) -> Iterator[C
         client.close()
 
 
+def join(whole: Chunk, chunk: Chunk) -> Chunk:
+    whole.text += chunk.text
+    whole.token_ids = (whole.token_ids or []) + (chunk.token_ids or [])
+    whole.log_probs = (whole.log_probs or []) + (chunk.log_probs or [])
+    whole.finish_reason = chunk.finish_reason or whole.finish_reason
+    whole.adapter_version = chunk.adapter_version or whole.adapter_version
+    whole.engine_step = chunk.engine_step
+    return whole
+
+
 def generate(url: str, model: str, **values) -> Chunk:
     """All chunks of a streamed (or single-response) call joined into one."""
     whole = Chunk(token_ids=[], log_probs=[])
     for chunk in stream(url, model, **values):
-        whole.text += chunk.text
-        whole.token_ids += chunk.token_ids or []
-        whole.log_probs += chunk.log_probs or []
-        whole.finish_reason = chunk.finish_reason or whole.finish_reason
-        whole.adapter_version = chunk.adapter_version or whole.adapter_version
+        join(whole, chunk)
     return whole
 
 
-__all__ = ["Chunk", "InferenceServerException", "generate", "infer", "make_inputs", "stream"]
+def generate_in_order(url: str, model: str, requests: list[dict], timeout: float = 300.0) -> list[Chunk]:
+    """Several requests sent in this order on one gRPC stream (so they reach the server in this order),
+    each one's responses joined. Raises InferenceServerException on an error response."""
+    results: queue.Queue = queue.Queue()
+    client = grpcclient.InferenceServerClient(url)
+    client.start_stream(callback=lambda result, error: results.put((result, error)))
+    joined = {str(i): Chunk(token_ids=[], log_probs=[]) for i in range(len(requests))}
+    pending = set(joined)
+    try:
+        for rid, values in zip(joined, requests):
+            inputs = make_inputs(grpcclient, **values)
+            client.async_stream_infer(model, inputs, request_id=rid, enable_empty_final_response=True)
+        while pending:
+            result, error = results.get(timeout=timeout)
+            if error is not None:
+                raise error
+            response = result.get_response()
+            if response.outputs:
+                join(joined[response.id], to_chunk(result))
+            if response.parameters["triton_final_response"].bool_param:
+                pending.discard(response.id)
+    finally:
+        client.stop_stream(cancel_requests=bool(pending))
+        client.close()
+    return list(joined.values())
+
+
+__all__ = ["Chunk", "InferenceServerException", "generate", "generate_in_order", "infer", "make_inputs", "stream"]

@@ -52,8 +52,9 @@ def engines():
         e.shutdown(timeout=10)
 
 
-def peft_generate(model, ids: list[int], adapter: str, max_tokens: int, end_id: int | None = None) -> list[int]:
-    """Greedy tokens from PEFT's generate(..., adapter_names=[...]) (the base model for adapter "")."""
+def peft_generate(model, ids: list[int], adapter: str, max_tokens: int, end_id=None, **generate_kw) -> list[int]:
+    """Greedy tokens from PEFT's generate(..., adapter_names=[...]) (the base model for adapter ""); end_id:
+    an id or a list of them; generate_kw: more of generate's arguments (logits processors)."""
     with torch.no_grad():
         out = model.generate(
             input_ids=torch.tensor([ids]),
@@ -63,6 +64,7 @@ def peft_generate(model, ids: list[int], adapter: str, max_tokens: int, end_id: 
             do_sample=False,
             eos_token_id=end_id,
             pad_token_id=0,
+            **generate_kw,
         )
     return out[0, len(ids) :].tolist()
 

@@ -10,7 +10,7 @@ import time
 import pytest
 
 from backend.config import ENV_ADAPTER_DIR, ENV_BASE_MODEL
-from client.api import InferenceServerException, generate, stream
+from client.api import InferenceServerException, generate, generate_in_order, stream
 from client.server import TritonServer
 from tests.conftest import NEVER, peft_generate
 from tests.test_engine import prompts
@@ -60,10 +60,10 @@ def run(server, name: str, p: list[int], max_tokens: int = 4):
 
 
 class Background:
-    """A streamed request (no end_id) read on its own thread, with the arrival time of each token."""
+    """A streamed request (no end_id) read on its own thread, with the engine step of each response."""
 
     def __init__(self, server, name: str, p: list[int], max_tokens: int):
-        self.tokens, self.times, self.versions, self.error = [], [], set(), None
+        self.tokens, self.steps, self.versions, self.error = [], [], set(), None
         self.first = threading.Event()
         self.thread = threading.Thread(target=self._read, args=(server, name, p, max_tokens), daemon=True)
         self.thread.start()
@@ -73,7 +73,7 @@ class Background:
             values = dict(input_ids=p, lora_name=name or None, max_tokens=max_tokens, end_id=NEVER, stream=True)
             for chunk in stream(server.grpc_url, "lora_llm", **values):
                 self.tokens += chunk.token_ids
-                self.times += [time.monotonic()] * len(chunk.token_ids)
+                self.steps += [chunk.engine_step] * len(chunk.token_ids)
                 self.versions.add(chunk.adapter_version)
                 self.first.set()
         except Exception as e:
@@ -170,23 +170,23 @@ def test_a_deleted_folder_gives_not_found_and_running_requests_finish(lserver, a
 
 
 def test_a_base_request_never_waits_for_a_slot(lserver, peft_model):
-    """Both free slots held by long streams, a third adapter waiting for one: a base request sent after
-    it is answered while the holders still run; the adapter request starts only once one has ended."""
+    """Both free slots held by long streams; then, in this order on one gRPC stream, a request for a third
+    adapter and a base request. The base request is answered while both holders still run; the adapter
+    request's token comes only after one of them has ended. The order is the engine's own: each response
+    carries the engine step that made it (never the client's receive times, which cross streams)."""
     holders = [Background(lserver, name, ids(10 + i), 240) for i, name in enumerate(["a1", "a3"])]
     for h in holders:
         assert h.first.wait(60)
-    waiter = Background(lserver, "a4", ids(12), 4)
-    p = ids(13)
-    base = run(lserver, "", p)
-    done = time.monotonic()
-    waiter.join()
+    p_wait, p_base = ids(12), ids(13)
+    asked = [dict(input_ids=p_wait, lora_name="a4", max_tokens=1), dict(input_ids=p_base, max_tokens=4)]
+    waiter, base = generate_in_order(lserver.grpc_url, "lora_llm", [{**v, "end_id": NEVER} for v in asked])
     for h in holders:
         h.join()
-    freed = min(h.times[-1] for h in holders)
-    assert base.token_ids == peft_generate(peft_model, p, "", 4)
-    assert waiter.tokens == peft_generate(peft_model, ids(12), "mlp-r64", 4, NEVER)
-    assert done < freed, "the holders ended before the base request was answered: the test proves nothing"
-    assert waiter.times[0] >= freed, "the adapter request ran while both slots were held"
+    freed = min(h.steps[-1] for h in holders)  # the step of the first holder's last token: its slot frees after it
+    assert base.token_ids == peft_generate(peft_model, p_base, "", 4)
+    assert waiter.token_ids == peft_generate(peft_model, p_wait, "mlp-r64", 1)
+    assert base.engine_step < freed, "the holders ended before the base request was answered: the test proves nothing"
+    assert waiter.engine_step > freed, "the adapter request ran while both slots were held"
 
 
 def test_no_adapter_starves_behind_requests_for_resident_ones(lserver, peft_model):

@@ -57,8 +57,9 @@ def make_engine(base: Path, adapters: Path, **kw) -> Engine:
     return Engine(EngineConfig(base_model=base, adapter_dir=adapters, **cfg))
 
 
-def request(ids, adapter="", max_tokens=6, **kw) -> GenerationRequest:
-    return GenerationRequest(list(ids), max_tokens=max_tokens, lora_name=adapter, **kw)
+def request(ids, adapter="", max_tokens=6, end_id: int | None = None, **kw) -> GenerationRequest:
+    stop_ids = () if end_id is None else (end_id,)
+    return GenerationRequest(list(ids), max_tokens=max_tokens, lora_name=adapter, stop_ids=stop_ids, **kw)
 
 
 def warm(engine: Engine, *names: str) -> Engine:

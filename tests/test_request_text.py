@@ -10,9 +10,9 @@ from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 from backend.demo import corpus
 from backend.errors import RequestError
 from backend.request import Limits, parse_request
-from backend.text import StreamChunker, TextCodec
+from backend.text import StopStrings, StreamChunker, TextCodec, check_stop_strings
 
-LIMITS = Limits(vocab_size=100, max_model_len=32, default_max_tokens=16, max_tokens_limit=20, eos_id=2)
+LIMITS = Limits(vocab_size=100, max_model_len=32, default_max_tokens=16, max_tokens_limit=20, eos_ids=(2, 7))
 
 
 def ids(*values) -> np.ndarray:
@@ -34,7 +34,7 @@ def test_defaults():
     assert req.lora_name == ""
     assert req.sampling.greedy and req.sampling.temperature == 0
     assert (req.sampling.top_p, req.sampling.top_k, req.sampling.seed) == (1.0, 0, None)
-    assert req.end_id == LIMITS.eos_id
+    assert req.stop_ids == LIMITS.eos_ids and req.min_tokens == 0
     assert not req.stream and not req.echo_prompt
 
 
@@ -58,10 +58,43 @@ def test_explicit_inputs():
         },
         LIMITS,
     )
-    assert (req.lora_name, req.max_tokens, req.end_id, req.stream) == ("qv-r4", 5, -1, True)
+    assert (req.lora_name, req.max_tokens, req.stop_ids, req.stream) == ("qv-r4", 5, (), True)
     assert not req.sampling.greedy
     assert req.sampling.temperature == pytest.approx(0.7) and req.sampling.top_p == pytest.approx(0.9)
     assert (req.sampling.top_k, req.sampling.seed) == (40, 2**63 + 5)
+
+
+def test_generation_controls():
+    req = parse_request(
+        {
+            "input_ids": ids(3, 4),
+            "max_tokens": one(6, np.int32),
+            "min_length": one(6, np.int32),
+            "presence_penalty": one(-0.5, np.float32),
+            "frequency_penalty": one(2.0, np.float32),
+            "repetition_penalty": one(1.25, np.float32),
+        },
+        LIMITS,
+    )
+    assert req.min_tokens == 6 and req.stop_ids == (2, 7)
+    assert (req.sampling.presence_penalty, req.sampling.frequency_penalty) == (-0.5, 2.0)
+    assert req.sampling.repetition_penalty == 1.25 and req.sampling.penalized and req.sampling.greedy
+    assert not parse_request({"input_ids": ids(3)}, LIMITS).sampling.penalized
+
+
+@pytest.mark.parametrize(
+    "inputs, stop_ids",
+    [
+        ({}, (2, 7)),
+        ({"end_id": one(9, np.int32)}, (9,)),
+        ({"end_id": one(-1, np.int32)}, ()),
+        ({"ignore_eos": one(True, bool)}, ()),
+        ({"ignore_eos": one(False, bool)}, (2, 7)),
+        ({"ignore_eos": one(True, bool), "end_id": one(9, np.int32)}, ()),
+    ],
+)
+def test_stop_ids(inputs, stop_ids):
+    assert parse_request({"input_ids": ids(3), **inputs}, LIMITS).stop_ids == stop_ids
 
 
 @pytest.mark.parametrize("value", [b"", "", b"a", "A.b_c-1", np.bytes_(b"qv-r4"), "a" * 128])
@@ -106,6 +139,15 @@ def test_echo_prompt(stream, exclude, echo):
         {"top_p": one(1.5, np.float32)},
         {"top_p": one(np.nan, np.float32)},
         {"top_k": one(-1, np.int32)},
+        {"min_length": one(-1, np.int32)},
+        {"min_length": one(17, np.int32)},
+        {"max_tokens": one(3, np.int32), "min_length": one(4, np.int32)},
+        {"presence_penalty": one(2.5, np.float32)},
+        {"frequency_penalty": one(-2.01, np.float32)},
+        {"frequency_penalty": one(np.nan, np.float32)},
+        {"repetition_penalty": one(0.0, np.float32)},
+        {"repetition_penalty": one(-1.0, np.float32)},
+        {"repetition_penalty": one(np.inf, np.float32)},
         {"lora_name": name(b"../x")},
         {"lora_name": name(b"a/b")},
         {"lora_name": name(b"/etc")},
@@ -266,3 +308,41 @@ def test_stream_sends_each_character_once_complete(any_codec, text):
     texts = [any_codec.decode(c) for c, _, _ in chunks]
     assert "".join(texts) == whole
     assert not any("\ufffd" in t for t in texts)
+
+
+@pytest.mark.parametrize(
+    "text, stops, expected",
+    [
+        ("Hello world. Bye", ["."], ("Hello world", True)),
+        ("Hello world. Bye", ["wor", "lo"], ("Hel", True)),
+        ("Hello world", ["xyz"], ("Hello world", False)),
+        ("aaab", ["aab"], ("a", True)),
+        ("abcabd", ["abd", "cab"], ("ab", True)),
+        ("x\u00e9\u4e2dy", ["\u4e2d"], ("x\u00e9", True)),
+        ("ends with a partial sto", ["stop"], ("ends with a partial sto", False)),
+    ],
+)
+def test_stop_strings_in_any_pieces(text, stops, expected):
+    """However the text is split, what goes out is the text before the earliest stop string, and
+    nothing that goes out before the end could still begin one."""
+    rng = random.Random(0)
+    for _ in range(50):
+        cuts = sorted(rng.sample(range(1, len(text)), k=rng.randrange(0, min(6, len(text) - 1))))
+        pieces = [text[a:b] for a, b in zip([0, *cuts], [*cuts, len(text)])]
+        matcher, out, hit = StopStrings(stops), "", False
+        for piece in pieces:
+            released, hit = matcher.add(piece)
+            out += released
+            if hit:
+                break
+            assert expected[0].startswith(out) and out + matcher.held == text[: len(out + matcher.held)]
+        if not hit:
+            out += matcher.flush()
+        assert (out, hit) == expected, pieces
+
+
+def test_stop_strings_are_checked():
+    assert check_stop_strings(["a", "b"]) == ["a", "b"]
+    for bad in (["a"] * 5, ["a", ""]):
+        with pytest.raises(RequestError):
+            check_stop_strings(bad)

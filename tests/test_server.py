@@ -1,6 +1,7 @@
 """The real tritonserver on model_repository/, driven through tritonclient, checked against PEFT."""
 
 import random
+import time
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
@@ -202,3 +203,51 @@ def test_triton_kernels_in_the_server_match_peft(assets, peft_model, tmp_path):
         assert server.metric("lora_engine_mixed_steps_total") > 0
     for (name, ids), out in zip(requests, outputs):
         assert out.token_ids == peft_generate(peft_model, ids, name, 4), (name, ids)
+
+
+def wait_idle(server, timeout: float = 10.0) -> None:
+    """Until the engine runs nothing and has published its counters (it does when idle)."""
+    deadline = time.monotonic() + timeout
+    while server.metric("lora_engine_running_sequences") > 0 and time.monotonic() < deadline:
+        time.sleep(0.05)
+    time.sleep(0.2)
+
+
+def test_stop_words_in_the_text_doors(server):
+    """stop_words on lora_text and the ensemble stream: the text ends before the first stop string the
+    generation produced (one that only the prompt holds does not count), finish_reason is "stop", and
+    the generation stops there instead of running on to max_tokens."""
+    prompt = "Beautiful is better than"
+    values = dict(text_input=prompt, lora_name="qv-r4", max_tokens=24, end_id=-1)
+    full = infer(server.http_url, "http", "lora_text", **values).text
+    stop = next(full[i : i + 3] for i in range(4, len(full)) if full[i : i + 3].strip() and full[i : i + 3] != "\ufffd")
+    expected = full[: full.index(stop)]
+    in_prompt = next(w for w in prompt.split() if w not in full)
+    for stops, text, finish in [([stop], expected, "stop"), (["zzz", in_prompt], full, "length")]:
+        unary = infer(server.grpc_url, "grpc", "lora_text", stop_words=stops, **values)
+        chunks = list(stream(server.grpc_url, "ensemble", stream=True, stop_words=stops, **values))
+        assert (unary.text, unary.finish_reason) == (text, finish)
+        assert "".join(c.text for c in chunks) == text and chunks[-1].finish_reason == finish
+    echoed = infer(server.http_url, "http", "lora_text", stop_words=[stop], exclude_input_in_output=False, **values)
+    assert echoed.text.endswith(expected) and len(echoed.text) > len(expected)
+    wait_idle(server)
+    before = server.metric("lora_generated_tokens_total", adapter="qv-r4")
+    long = infer(server.http_url, "http", "lora_text", stop_words=[stop], **(values | {"max_tokens": 240}))
+    assert long.text == expected
+    wait_idle(server)
+    ran = server.metric("lora_generated_tokens_total", adapter="qv-r4") - before
+    print(f"\nstop string found after {len(expected)} chars; the engine generated {ran:.0f} of 240 tokens")
+    assert ran < 200, "the generation ran on"
+    with pytest.raises(InferenceServerException, match="at most 4 stop strings"):
+        infer(server.http_url, "http", "lora_text", stop_words=["a", "b", "c", "d", "e"], **values)
+
+
+def test_generation_controls_reach_the_engine(server, peft_model):
+    ids = [1, 40, 41, 42, 40, 41]
+    values = dict(input_ids=ids, lora_name="qv-r4", max_tokens=12, end_id=-1)
+    out = generate(server.grpc_url, "lora_llm", repetition_penalty=1.5, **values)
+    assert out.token_ids == peft_generate(peft_model, ids, "qv-r4", 12, repetition_penalty=1.5)
+    long = generate(server.grpc_url, "lora_llm", input_ids=ids, max_tokens=20, ignore_eos=True, min_length=20)
+    assert len(long.token_ids) == 20 and long.finish_reason == "length"
+    text = infer(server.http_url, "http", "lora_text", text_input="Beautiful is", presence_penalty=2.0, max_tokens=4)
+    assert text.text

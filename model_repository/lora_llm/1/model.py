@@ -117,7 +117,7 @@ class Responder:
             if chunk is None:
                 return
             ids, log_probs = chunk
-        response = self._response(ids, log_probs, out.finish_reason, out.adapter_version)
+        response = self._response(ids, log_probs, out.finish_reason, out.adapter_version, out.step)
         self.sender.send(response, flags=io.FINAL if out.finish_reason else 0)
 
     def _send_error(self, err: RequestError) -> None:
@@ -126,12 +126,13 @@ class Responder:
         else:
             self.sender.send(io.error_response(err), flags=io.FINAL)
 
-    def _response(self, ids: list[int], log_probs: list[float], finish_reason: str | None, version: str = ""):
+    def _response(self, ids, log_probs, finish_reason: str | None, version: str = "", step: int = 0):
         values = {
             "output_ids": (ids, np.int64),
             "output_log_probs": (log_probs, np.float32),
             "finish_reason": ([finish_reason or ""], np.object_),
             "adapter_version": ([version], np.object_),
+            "engine_step": ([step], np.int64),
         }
         return pb_utils.InferenceResponse(
             output_tensors=[io.tensor(name, *v) for name, v in values.items() if name in self.outputs]
