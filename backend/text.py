@@ -79,12 +79,13 @@ class StreamChunker:
     """Groups streamed tokens so that each group, decoded on its own (as the postprocessing model
     does), is exactly the text it adds. A token that ends inside a UTF-8 character, has no text (a
     special token), is a byte-fallback token, or whose text depends on the next token waits, but no
-    more than `max_hold` tokens wait: past that, the longest run of them that decodes to whole text
-    goes out (or all of them, where none does). The final group is always sent."""
+    more than `max_hold` tokens wait (None: no limit, as vLLM's detokenizer): past that, the longest run
+    of them that decodes to whole text goes out (or all of them, where none does). The final group is
+    always sent."""
 
     CONTEXT = 8  # tokens already sent that the check decodes in front of the held ones
 
-    def __init__(self, codec: TextCodec, max_hold: int = 4):
+    def __init__(self, codec: TextCodec, max_hold: int | None = 4):
         self.codec = codec
         self.max_hold = max_hold
         self.sent: list[int] = []
@@ -96,7 +97,7 @@ class StreamChunker:
         self.log_probs += log_probs
         if final or self._complete(self.ids):
             n = len(self.ids)
-        elif len(self.ids) > self.max_hold:
+        elif self.max_hold is not None and len(self.ids) > self.max_hold:
             n = next((k for k in range(len(self.ids) - 1, 0, -1) if self._whole(self.ids[:k])), len(self.ids))
         else:
             return None
@@ -106,9 +107,9 @@ class StreamChunker:
         return out
 
     def _complete(self, ids: list[int]) -> bool:
-        visible = [i for i in ids if self.codec.decode([i]) != ""]  # special tokens have no text
+        last = next((i for i in reversed(ids) if self.codec.decode([i]) != ""), None)  # special tokens: no text
         # a later byte-fallback token can still turn this one's text into U+FFFD
-        return not (visible and visible[-1] in self.codec.byte_tokens) and self._whole(ids)
+        return last not in self.codec.byte_tokens and self._whole(ids)
 
     def _whole(self, ids: list[int]) -> bool:
         decode = self.codec.decode

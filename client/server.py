@@ -6,7 +6,9 @@ import shutil
 import signal
 import socket
 import subprocess
+import sys
 import time
+import urllib.error
 import urllib.request
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -41,6 +43,18 @@ def tritonserver_binary() -> str:
     if not found:
         raise FileNotFoundError("tritonserver not found: run scripts/setup.sh")
     return found
+
+
+def terminate(process: subprocess.Popen | None, timeout: float, group: bool = False) -> int:
+    """SIGTERM, then SIGKILL (to its process group too) if it has not exited within `timeout` s."""
+    if process is None or process.poll() is not None:
+        return process.returncode if process else 0
+    process.send_signal(signal.SIGTERM)
+    try:
+        return process.wait(timeout)
+    except subprocess.TimeoutExpired:
+        os.killpg(process.pid, signal.SIGKILL) if group else process.kill()
+        return process.wait()
 
 
 @dataclass
@@ -101,14 +115,7 @@ class TritonServer:
 
     def stop(self, timeout: float = 60.0) -> int:
         """SIGTERM, as a user's Ctrl-C would; the whole process group is killed if it does not exit."""
-        if self.process is None or self.process.poll() is not None:
-            return self.process.returncode if self.process else 0
-        self.process.send_signal(signal.SIGTERM)
-        try:
-            return self.process.wait(timeout)
-        except subprocess.TimeoutExpired:
-            os.killpg(self.process.pid, signal.SIGKILL)
-            return self.process.wait()
+        return terminate(self.process, timeout, group=True)
 
     def processes(self) -> dict[str, psutil.Process]:
         """tritonserver and its Python stubs, each stub named by the model instance it runs (lora_llm_0_0)."""
@@ -139,6 +146,61 @@ class TritonServer:
         return total
 
     def __enter__(self) -> "TritonServer":
+        return self.start()
+
+    def __exit__(self, *exc) -> None:
+        self.stop()
+
+
+@dataclass
+class OpenAIServer:
+    """The OpenAI server (python -m backend.openai_server) in front of a running tritonserver."""
+
+    triton_url: str
+    args: list[str] = field(default_factory=list)  # more of its command-line options
+    port: int = field(default_factory=free_port)
+    log_path: Path | None = None
+    process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://localhost:{self.port}"
+
+    def start(self, timeout: float = 60.0, wait_ready: bool = True) -> "OpenAIServer":
+        cmd = [sys.executable, "-m", "backend.openai_server", "--triton-url", self.triton_url, "--port", str(self.port)]
+        self.log_path = Path(self.log_path or Path(os.environ.get("TMPDIR", "/tmp")) / f"openai-{self.port}.log")
+        with open(self.log_path, "w") as log:
+            self.process = subprocess.Popen(
+                [*cmd, "--host", "127.0.0.1", *self.args], cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT
+            )
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"the OpenAI server exited ({self.process.returncode}):\n{self.log_tail()}")
+            status = self.health()
+            if status == 200 or (status and not wait_ready):
+                return self
+            time.sleep(0.2)
+        self.stop()
+        raise TimeoutError(f"the OpenAI server did not start in {timeout:.0f} s:\n{self.log_tail()}")
+
+    def health(self) -> int | None:
+        """The status of GET /health, or None while nothing answers."""
+        try:
+            with urllib.request.urlopen(f"{self.url}/health", timeout=5) as r:
+                return r.status
+        except urllib.error.HTTPError as e:
+            return e.code
+        except OSError:
+            return None
+
+    def stop(self, timeout: float = 30.0) -> int:
+        return terminate(self.process, timeout)
+
+    def log_tail(self, lines: int = 40) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:]) if self.log_path else ""
+
+    def __enter__(self) -> "OpenAIServer":
         return self.start()
 
     def __exit__(self, *exc) -> None:

@@ -12,6 +12,7 @@ import time
 from concurrent.futures import ThreadPoolExecutor
 from functools import partial
 
+import openai
 import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
@@ -20,7 +21,7 @@ from backend.adapters import WEIGHTS_FILE
 from backend.config import ENV_ADAPTER_DIR, ENV_BASE_MODEL
 from backend.demo import DEMO_ADAPTERS, build_adapter, build_model
 from client.api import generate, infer, make_inputs
-from client.server import TritonServer, copy_repository
+from client.server import OpenAIServer, TritonServer, copy_repository
 
 LONG = 3000  # tokens a long request asks for: seconds of generation
 
@@ -160,6 +161,43 @@ def test_client_that_leaves_stops_its_generation(fserver, case):
     steps, and nothing stays in flight: the module's server still stops cleanly afterwards."""
     before = generated(fserver)
     LEAVE[case](fserver)
+    assert wait_generated(fserver, before) < LONG / 2  # stopped, not run to the end
+    assert fserver.metric("lora_engine_running_sequences") == 0
+    assert fserver.metric("nv_inference_pending_request_count") == 0
+
+
+@pytest.fixture(scope="module")
+def fopenai(fserver, fault_assets, tmp_path_factory):
+    args = ["--model-dir", str(fault_assets / "base"), "--adapter-dir", str(fault_assets / "adapters")]
+    log = tmp_path_factory.mktemp("fault-openai") / "openai.log"
+    with OpenAIServer(fserver.grpc_url, args, log_path=log) as front:
+        yield front
+
+
+def leave_openai_stream(front):
+    """The openai SDK closes a streamed completion once its first chunks have come."""
+    client = openai.OpenAI(base_url=f"{front.url}/v1", api_key="unused", max_retries=0)
+    values = dict(model="qv-r4", prompt="Beautiful is", max_tokens=LONG, extra_body={"ignore_eos": True})
+    with client.completions.create(stream=True, **values) as chunks:
+        for _, _ in zip(range(3), chunks):
+            pass
+        time.sleep(0.5)
+
+
+def leave_openai_unary(front):
+    """Closes the connection of a unary completion that is still being generated."""
+    conn = http.client.HTTPConnection("localhost", front.port)
+    body = json.dumps({"model": "base", "prompt": "Beautiful is", "max_tokens": LONG, "ignore_eos": True})
+    conn.request("POST", "/v1/completions", body, {"Content-Type": "application/json"})
+    time.sleep(0.8)
+    conn.sock.close()
+    conn.close()
+
+
+@pytest.mark.parametrize("leave", [leave_openai_stream, leave_openai_unary], ids=["stream", "unary"])
+def test_client_that_leaves_the_openai_server_stops_its_generation(fserver, fopenai, leave):
+    before = generated(fserver)
+    leave(fopenai)
     assert wait_generated(fserver, before) < LONG / 2  # stopped, not run to the end
     assert fserver.metric("lora_engine_running_sequences") == 0
     assert fserver.metric("nv_inference_pending_request_count") == 0

@@ -1,0 +1,281 @@
+"""The OpenAI API (FastAPI): /v1/completions, /v1/chat/completions, /v1/models and /health, with the
+adapter named in `model`. Tokenizing, the chat template, detokenizing and stop strings happen here;
+lora_llm generates. Keeps no state between requests, so replicas need nothing shared."""
+
+import asyncio
+import json
+import time
+import uuid
+from collections.abc import AsyncIterator, Awaitable
+from contextlib import asynccontextmanager
+
+import jinja2
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from sse_starlette import EventSourceResponse
+
+from backend.errors import RequestError
+from backend.naming import NAME_RE, adapter_folders
+from backend.openai_server.chat import ChatTemplate, read_template
+from backend.openai_server.engine_client import STATUS, APIError, EngineClient, model_not_found
+from backend.openai_server.generation import Delta, generate_text
+from backend.openai_server.protocol import ChatRequest, CompletionRequest, Generation
+from backend.openai_server.settings import Settings
+from backend.text import TextCodec
+
+OWNER = "lora-triton"
+
+
+class Service:
+    def __init__(self, settings: Settings):
+        self.settings = settings
+        self.codec = TextCodec(settings.model_dir)
+        template, special = read_template(settings.model_dir)
+        self.chat = ChatTemplate(template, special) if template else None
+        self.engine: EngineClient | None = None  # made in the server's event loop (gRPC's asyncio binds to it)
+        self.started = int(time.time())
+
+    def lora_name(self, model: str) -> str:
+        """The adapter a `model` names ("" = the base model); lora_llm tells whether its folder exists."""
+        if model == self.settings.base_name:
+            return ""
+        if not NAME_RE.fullmatch(model):
+            raise model_not_found(model)
+        return model
+
+    def models(self) -> list[dict]:
+        base = self.settings.base_name
+        listed = [dict(id=base, object="model", created=self.started, owned_by=OWNER, root=base, parent=None)]
+        if self.settings.list_adapters:
+            for folder in adapter_folders(self.settings.adapter_dir):
+                created = int((folder / "adapter_config.json").stat().st_mtime)
+                listed.append(dict(id=folder.name, object="model", created=created, owned_by=OWNER, root=folder.name))
+                listed[-1]["parent"] = base
+        return listed
+
+    def generate(self, body: Generation, ids: list[int], max_tokens: int | None) -> AsyncIterator[Delta]:
+        lora = self.lora_name(body.model)
+        inputs = body.engine_inputs(max_tokens)
+        return generate_text(self.engine, self.codec, ids, lora, body.model, inputs, body.stops)
+
+
+def create_app(settings: Settings) -> FastAPI:
+    svc = Service(settings)
+
+    @asynccontextmanager
+    async def lifespan(app):
+        svc.engine = EngineClient(settings.triton_url, settings.engine_model)
+        yield
+        await svc.engine.close()
+
+    app = FastAPI(title="LoRA adapters on Triton: OpenAI API", lifespan=lifespan)
+    app.state.service = svc
+
+    @app.exception_handler(APIError)
+    async def api_error(request, e: APIError):
+        return JSONResponse(e.body(), status_code=e.status)
+
+    @app.exception_handler(RequestError)
+    async def request_error(request, e: RequestError):
+        return JSONResponse(APIError(STATUS.get(e.code, 400), e.message).body(), status_code=STATUS.get(e.code, 400))
+
+    @app.exception_handler(RequestValidationError)
+    async def validation_error(request, e: RequestValidationError):
+        return JSONResponse(bad_request(e.errors()).body(), status_code=400)
+
+    @app.get("/health")
+    async def health():
+        if await svc.engine.ready():
+            return JSONResponse({})
+        return JSONResponse(APIError(503, f"{settings.engine_model} is not ready").body(), status_code=503)
+
+    @app.get("/v1/models")
+    async def models():
+        return {"object": "list", "data": svc.models()}
+
+    @app.post("/v1/completions")
+    async def completions(body: CompletionRequest, request: Request):
+        if isinstance(body.prompt, str):
+            ids, prompt = svc.codec.encode_prompt(body.prompt), body.prompt
+        else:
+            ids, prompt = list(body.prompt), None
+        deltas = svc.generate(body, ids, body.max_tokens)
+        echo = (prompt if prompt is not None else svc.codec.decode(ids)) if body.echo else ""
+        view = CompletionView(svc.codec, body.model, len(ids), body.logprobs is not None, echo)
+        return await respond(request, body, deltas, view)
+
+    @app.post("/v1/chat/completions")
+    async def chat(body: ChatRequest, request: Request):
+        if svc.chat is None:
+            message = f"the model folder {settings.base_name} has no chat template: use /v1/completions"
+            raise APIError(400, message, "messages", "no_chat_template")
+        messages = [{"role": m.role, "content": m.text()} | ({"name": m.name} if m.name else {}) for m in body.messages]
+        try:
+            text = svc.chat.render(messages, body.add_generation_prompt)
+        except jinja2.TemplateError as e:
+            raise APIError(400, f"the chat template refused the messages: {e}", "messages") from e
+        ids = svc.codec.encode_prompt(text, special=False)  # the template writes its own BOS
+        deltas = svc.generate(body, ids, body.max_completion_tokens or body.max_tokens)
+        view = ChatView(svc.codec, body.model, len(ids), bool(body.logprobs))
+        return await respond(request, body, deltas, view)
+
+    return app
+
+
+def bad_request(errors) -> APIError:
+    """pydantic's first error as OpenAI's 400, naming the parameter."""
+    err = errors[0]
+    loc = [str(x) for x in err.get("loc", ()) if x != "body"]
+    param = ".".join(loc) or None
+    if err.get("type") == "extra_forbidden":
+        return APIError(400, f"Unsupported parameter: '{param}'", param, "unsupported_parameter")
+    message = str(err.get("msg", "invalid value")).removeprefix("Value error, ")
+    return APIError(400, f"{param}: {message}" if param else message, param, "invalid_value")
+
+
+async def until_disconnected(request: Request, work: Awaitable):
+    """work's result; cancels it (and so the generation) if the client goes first."""
+    task = asyncio.ensure_future(work)
+    gone = asyncio.ensure_future(disconnected(request))
+    try:
+        done, _ = await asyncio.wait({task, gone}, return_when=asyncio.FIRST_COMPLETED)
+    finally:
+        gone.cancel()
+    if task not in done:
+        task.cancel()
+        raise APIError(499, "the client disconnected")
+    return task.result()
+
+
+async def disconnected(request: Request) -> None:
+    while (await request.receive())["type"] != "http.disconnect":
+        pass
+
+
+async def respond(request: Request, body: Generation, deltas: AsyncIterator[Delta], view: "View"):
+    """The whole answer, or a stream of server-sent events. Errors before the first token (an unknown
+    model, a bad value, a full queue) become the HTTP status; later ones end the stream with an error event."""
+    if not body.stream:
+        return JSONResponse(view.body(await until_disconnected(request, collect(deltas))))
+    first = await until_disconnected(request, anext(deltas))
+
+    async def events():
+        delta = first
+        try:
+            for chunk in view.opening():
+                yield json.dumps(chunk)
+            while True:
+                yield json.dumps(view.chunk(delta))
+                if delta.finish_reason:
+                    break
+                delta = await anext(deltas)
+            if body.include_usage:
+                yield json.dumps(view.usage_chunk())
+        except APIError as e:
+            yield json.dumps(e.body())
+        finally:
+            await deltas.aclose()
+        yield "[DONE]"
+
+    return EventSourceResponse(events(), ping=15)
+
+
+async def collect(deltas: AsyncIterator[Delta]) -> Delta:
+    whole = Delta()
+    async for d in deltas:
+        whole.text += d.text
+        whole.token_ids += d.token_ids
+        whole.log_probs += d.log_probs
+        whole.finish_reason = d.finish_reason
+    return whole
+
+
+class View:
+    """How one endpoint shows deltas: a unary body, or chunks of a stream (opening, one per delta, usage)."""
+
+    object = ""
+    chunk_object = ""
+
+    def __init__(self, codec: TextCodec, model: str, prompt_tokens: int, logprobs: bool):
+        self.codec, self.model, self.prompt_tokens, self.want_logprobs = codec, model, prompt_tokens, logprobs
+        self.id = f"{self.prefix}-{uuid.uuid4().hex}"
+        self.created = int(time.time())
+        self.completion_tokens = 0
+
+    prefix = ""
+
+    def envelope(self, obj: str, choices: list[dict]) -> dict:
+        return {"id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": choices}
+
+    def usage(self) -> dict:
+        total = self.prompt_tokens + self.completion_tokens
+        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens, "total_tokens": total}
+
+    def body(self, whole: Delta) -> dict:
+        self.completion_tokens = len(whole.token_ids)
+        return self.envelope(self.object, [self.choice(whole, final=True)]) | {"usage": self.usage()}
+
+    def chunk(self, delta: Delta) -> dict:
+        self.completion_tokens += len(delta.token_ids)
+        return self.envelope(self.chunk_object, [self.choice(delta, final=False)])
+
+    def usage_chunk(self) -> dict:
+        return self.envelope(self.chunk_object, []) | {"usage": self.usage()}
+
+    def opening(self) -> list[dict]:
+        return []
+
+    def tokens(self, ids: list[int]) -> list[str]:
+        return [self.codec.decode([t]) for t in ids]
+
+    def choice(self, delta: Delta, final: bool) -> dict:
+        raise NotImplementedError
+
+
+class CompletionView(View):
+    object = chunk_object = "text_completion"
+    prefix = "cmpl"
+
+    def __init__(self, codec, model, prompt_tokens, logprobs, echo: str):
+        super().__init__(codec, model, prompt_tokens, logprobs)
+        self.echo = echo  # the prompt's text, put in front of the answer (echo=true)
+        self.offset = len(echo)
+
+    def choice(self, delta: Delta, final: bool) -> dict:
+        text = self.echo + delta.text
+        self.echo = ""
+        logprobs = None
+        if self.want_logprobs:
+            tokens = self.tokens(delta.token_ids)
+            offsets = []
+            for t in tokens:
+                offsets.append(self.offset)
+                self.offset += len(t)
+            logprobs = dict(tokens=tokens, token_logprobs=delta.log_probs, top_logprobs=None, text_offset=offsets)
+        return {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": delta.finish_reason}
+
+
+class ChatView(View):
+    object = "chat.completion"
+    chunk_object = "chat.completion.chunk"
+    prefix = "chatcmpl"
+
+    def opening(self) -> list[dict]:
+        choice = {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
+        return [self.envelope(self.chunk_object, [choice])]
+
+    def logprobs(self, delta: Delta) -> dict | None:
+        if not self.want_logprobs:
+            return None
+        content = [
+            dict(token=t, logprob=lp, bytes=list(t.encode()), top_logprobs=[])
+            for t, lp in zip(self.tokens(delta.token_ids), delta.log_probs)
+        ]
+        return {"content": content}
+
+    def choice(self, delta: Delta, final: bool) -> dict:
+        choice = {"index": 0, "logprobs": self.logprobs(delta), "finish_reason": delta.finish_reason}
+        if final:
+            return choice | {"message": {"role": "assistant", "content": delta.text}}
+        return choice | {"delta": {"content": delta.text} if delta.text else {}}
