@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 RUFF := .venv/bin/ruff
 
-.PHONY: setup demo test test-slow bench soak lint format
+.PHONY: setup demo serve test test-slow bench soak lint format
 
 setup:
 	@bash scripts/setup.sh
@@ -10,13 +10,18 @@ setup:
 demo: setup
 	$(PY) -m client.demo
 
+# tritonserver on model_repository/ and the OpenAI server (port 9000) in front of it; Ctrl-C stops both.
+# LORA_BASE_MODEL / LORA_ADAPTER_DIR: the model (default: the demo); HTTP_PORT GRPC_PORT METRICS_PORT OPENAI_PORT.
+serve: setup
+	$(PY) -m backend.serve
+
 test: setup lint
 	$(PY) -m pytest -m "not slow"
 
 test-slow: setup
 	$(PY) -m pytest -m slow
 
-# The serving benchmark (PEFT vs the engine vs tritonserver); ARGS="--quick" for a smoke run.
+# The serving benchmark (PEFT vs the engine vs tritonserver vs the OpenAI server); ARGS="--quick" for a smoke run.
 bench: setup
 	$(PY) benchmarks/bench_serving.py $(ARGS)
 

@@ -1,6 +1,7 @@
 """Tokenizer for the text models: `tokenizers` on tokenizer.json (no torch in those processes),
 transformers' AutoTokenizer only for a model that has no tokenizer.json."""
 
+import functools
 import json
 import re
 from pathlib import Path
@@ -33,6 +34,7 @@ class TextCodec:
             except Exception as e:
                 raise ValueError(f"base model folder {model_dir}: its tokenizer does not load: {e}") from e
             self._encode = lambda text, special=True: self.tokenizer(text, add_special_tokens=special).input_ids
+        self._short = functools.lru_cache(maxsize=1 << 16)(self._text)
         with_special, plain = self._encode("a"), self._encode("a", False)
         self.bos = with_special[0] if with_special[:1] != plain[:1] else None
         # Decoders of SentencePiece models drop the leading space of what they decode: decode a
@@ -65,10 +67,14 @@ class TextCodec:
         return self._encode(text, special)
 
     def decode(self, ids) -> str:
-        """Text of `ids`: a whole sequence if it starts with BOS, else a continuation of one."""
-        ids = list(ids)
+        """Text of `ids`: a whole sequence if it starts with BOS, else a continuation of one. Runs of one
+        or two tokens, which streaming decodes over and over, are remembered."""
+        ids = tuple(ids)
+        return self._short(ids) if len(ids) <= 2 else self._text(ids)
+
+    def _text(self, ids: tuple[int, ...]) -> str:
         if not ids or ids[0] == self.bos:
-            return self._decode(ids)
+            return self._decode(list(ids))
         return self._decode([self.anchor, *ids])[len(self.anchor_text) :]
 
     def _decode(self, ids: list[int]) -> str:
@@ -89,6 +95,7 @@ class StreamChunker:
         self.codec = codec
         self.max_hold = max_hold
         self.sent: list[int] = []
+        self.sent_text = ""  # codec.decode(self.sent)
         self.ids: list[int] = []
         self.log_probs: list[float] = []
 
@@ -103,18 +110,21 @@ class StreamChunker:
             return None
         out = (self.ids[:n], self.log_probs[:n])
         self.sent = (self.sent + out[0])[-self.CONTEXT :]
+        self.sent_text = self.codec.decode(self.sent)
         self.ids, self.log_probs = self.ids[n:], self.log_probs[n:]
         return out
 
     def _complete(self, ids: list[int]) -> bool:
-        last = next((i for i in reversed(ids) if self.codec.decode([i]) != ""), None)  # special tokens: no text
-        # a later byte-fallback token can still turn this one's text into U+FFFD
-        return last not in self.codec.byte_tokens and self._whole(ids)
+        if self.codec.byte_tokens:  # a later byte-fallback token can still turn this one's text into U+FFFD
+            last = next((i for i in reversed(ids) if self.codec.decode([i]) != ""), None)  # special tokens: no text
+            if last in self.codec.byte_tokens:
+                return False
+        return self._whole(ids)
 
     def _whole(self, ids: list[int]) -> bool:
         decode = self.codec.decode
         text = decode(ids)
-        return text != "" and not text.endswith("\ufffd") and decode(self.sent + ids) == decode(self.sent) + text
+        return text != "" and not text.endswith("\ufffd") and decode(self.sent + ids) == self.sent_text + text
 
 
 MAX_STOP_STRINGS = 4

@@ -26,8 +26,13 @@ sys.path.insert(0, str(ROOT))
 from benchmarks.report import slug, write_csv  # noqa: E402
 from benchmarks.workloads import ANCHOR, ONE_B, QUICK, Workload, build_assets, workloads  # noqa: E402
 
-SYSTEMS = ["peft", "engine", "server"]
-LABELS = {"peft": "PEFT mixed-batch generate", "engine": "engine in-process", "server": "tritonserver, gRPC streams"}
+SYSTEMS = ["peft", "engine", "server", "openai"]
+LABELS = {
+    "peft": "PEFT mixed-batch generate",
+    "engine": "engine in-process",
+    "server": "tritonserver, gRPC streams",
+    "openai": "OpenAI server, streamed completions",
+}
 SHAPES = {"anchor": ANCHOR, "quick": QUICK, "1b": ONE_B}
 
 
@@ -144,6 +149,7 @@ def targets(rows: list[dict], loads: list[Workload]) -> list[tuple[str, float, f
         (distinct, f"engine {distinct} vs engine base only", get("engine", distinct, "x_base"), 0.6),
         (base, "server base only vs engine base only", get("server", base) / get("engine", base), 0.8),
         (zipf, f"engine {zipf} vs engine base only", get("engine", zipf, "x_base"), 0.5),
+        (distinct, f"openai {distinct} vs server {distinct}", get("openai", distinct) / get("server", distinct), 0.85),
     ]
     return [(what, got, goal) for workload, what, got, goal in wanted if workload]
 

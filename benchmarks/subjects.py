@@ -1,10 +1,11 @@
-"""One benchmark subject in its own process: PEFT's mixed-batch generate, the engine in-process, or the
-real tritonserver driven over gRPC streams. Driven by bench_serving.py over stdin / stdout, one JSON
-line each way:
+"""One benchmark subject in its own process: PEFT's mixed-batch generate, the engine in-process, the
+real tritonserver driven over gRPC streams, or the OpenAI server in front of it. Driven by
+bench_serving.py over stdin / stdout, one JSON line each way:
 
     {"workload": {...}}  ->  {"requests": [{"adapter", "t_submit", "t_tokens", "output"}...], "seconds"}
 
-    python -m benchmarks.subjects {peft,engine,server} --assets DIR [--device cpu] [--dtype float32] [--set k=v ...]
+    python -m benchmarks.subjects {peft,engine,server,openai} --assets DIR [--device cpu] [--dtype float32]
+        [--set k=v ...]
 
 --set changes an engine setting (EngineConfig field; a lora_llm parameter for the server) or, as
 env:NAME=value, the server's environment: to compare settings side by side.
@@ -122,7 +123,7 @@ class InProcess:
                 if out.finish_reason or out.error is not None:
                     finished()
 
-            req = GenerationRequest(ids, w.new_tokens, lora_name=name, end_id=-1, stream=True)
+            req = GenerationRequest(ids, w.new_tokens, lora_name=name, stream=True)  # no stop ids: all new_tokens
             self.engine.submit(req, emit)
 
         def finished() -> None:
@@ -210,7 +211,60 @@ class Server:
         self.tmp.cleanup()
 
 
-SYSTEMS = {"peft": Peft, "engine": InProcess, "server": Server}
+class OpenAI(Server):
+    """The same tritonserver with the OpenAI server in front of it: each request is a streamed
+    /v1/completions call with a token-id prompt (aiohttp reads the server-sent events; vLLM's
+    return_token_ids gives each chunk's ids), `concurrency` in flight."""
+
+    def __init__(self, assets: Path, shape: Shape, device: str, dtype: str, settings: dict[str, str]):
+        from client.server import OpenAIServer
+
+        super().__init__(assets, shape, device, dtype, settings)
+        args = ["--model-dir", str(assets / "base"), "--adapter-dir", str(assets / "adapters")]
+        log = Path(self.tmp.name) / "openai.log"
+        self.front = OpenAIServer(self.server.grpc_url, args, log_path=log).start()
+
+    async def _run(self, w: Workload, reqs) -> list[dict]:
+        import aiohttp
+
+        queue: asyncio.Queue = asyncio.Queue()
+        for i, (name, ids) in enumerate(reqs):
+            queue.put_nowait((i, name, ids))
+        records: list[dict] = []
+        url = f"{self.front.url}/v1/completions"
+
+        async def one(session, i: int, name: str, ids: list[int]) -> None:
+            body = dict(model=name or "base", prompt=ids, max_tokens=w.new_tokens, temperature=0, stream=True)
+            body |= dict(ignore_eos=True, return_token_ids=True)
+            rec = request_record(i, name)
+            records.append(rec)
+            async with session.post(url, json=body) as response:
+                if response.status != 200:
+                    rec["error"] = await response.text()
+                    return
+                async for line in response.content:
+                    if not line.startswith(b"data: {"):
+                        continue
+                    now = time.perf_counter()
+                    tokens = json.loads(line[6:])["choices"][0]["token_ids"]
+                    rec["t_tokens"] += [now] * len(tokens)
+                    rec["output"] += tokens
+
+        async def worker(session) -> None:
+            while not queue.empty():
+                await one(session, *queue.get_nowait())
+
+        connector = aiohttp.TCPConnector(limit=0)
+        async with aiohttp.ClientSession(connector=connector, timeout=aiohttp.ClientTimeout(total=None)) as session:
+            await asyncio.gather(*(worker(session) for _ in range(w.concurrency)))
+        return records
+
+    def close(self) -> None:
+        self.front.stop()
+        super().close()
+
+
+SYSTEMS = {"peft": Peft, "engine": InProcess, "server": Server, "openai": OpenAI}
 
 
 def main() -> None:

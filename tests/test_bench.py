@@ -21,9 +21,9 @@ def test_kernel_benchmark_smoke(tmp_path):
 
 
 def test_serving_benchmark_quick(tmp_path):
-    """`make bench` in --quick mode: a tiny model, every system (PEFT, the engine, the real tritonserver)
-    and workload once. It checks that the benchmark works and that every greedy output equals PEFT's;
-    it says nothing about speed."""
+    """`make bench` in --quick mode: a tiny model, every system (PEFT, the engine, the real tritonserver,
+    the OpenAI server in front of it) and workload once. It checks that the benchmark works and that
+    every greedy output equals PEFT's; it says nothing about speed."""
     done = subprocess.run(
         [sys.executable, str(ROOT / "benchmarks" / "bench_serving.py"), "--quick", "--out", str(tmp_path),
          "--assets", str(tmp_path / "assets")],
@@ -32,7 +32,7 @@ def test_serving_benchmark_quick(tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     (table,) = tmp_path.glob("serving-quick-*.csv")
     rows = list(csv.DictReader(table.open()))
-    assert {r["system"] for r in rows} == {"peft", "engine", "server"} and len(rows) == 15
+    assert {r["system"] for r in rows} == {"peft", "engine", "server", "openai"} and len(rows) == 20
     for r in rows:
         same, total = map(int, r["exact"].split("/"))
         assert same == total > 0 and r["errors"] == "0" and float(r["tok_s"]) > 0, r

@@ -2,21 +2,29 @@
 tritonserver, driven by the official `openai` SDK; greedy outputs checked against PEFT."""
 
 import json
+import os
 import shutil
+import signal
+import subprocess
+import sys
+import time
 import urllib.request
 from concurrent.futures import ThreadPoolExecutor
 
 import openai
+import psutil
 import pytest
 from transformers import AutoTokenizer
 
+from backend.config import ENV_ADAPTER_DIR, ENV_BASE_MODEL
 from backend.text import TextCodec
-from client.server import OpenAIServer
+from client.server import OpenAIServer, free_port, terminate
 from tests.conftest import ADAPTERS, peft_generate
 from tests.test_server import mixed_requests, wait_idle
 
 EOS = 2  # the test tokenizer's </s>: the base model's end of turn
 MAX_TOKENS = 12
+RETURN_IDS = {"return_token_ids": True}  # vLLM's extension: the ids beside the text
 # A chat template in the style of Llama-2's: special tokens as text, the system prompt inside the first turn
 TEMPLATE = (
     "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'system' %}<<SYS>> {{ m['content'] }} <</SYS>> "
@@ -77,7 +85,10 @@ def test_completions_equal_peft(api, peft_model, codec, adapter):
     ids = codec.encode(prompt)
     ref = peft_generate(peft_model, ids, adapter, MAX_TOKENS, EOS)
     for given in (prompt, ids):
-        out = api.completions.create(model=model_of(adapter), prompt=given, max_tokens=MAX_TOKENS, temperature=0)
+        out = api.completions.create(
+            model=model_of(adapter), prompt=given, max_tokens=MAX_TOKENS, temperature=0, extra_body=RETURN_IDS
+        )
+        assert out.choices[0].token_ids == ref and out.choices[0].prompt_token_ids == ids
         assert out.choices[0].text == codec.decode(ref)
         assert out.choices[0].finish_reason == ("stop" if ref[-1] == EOS else "length")
         assert (out.usage.prompt_tokens, out.usage.completion_tokens) == (len(ids), len(ref))
@@ -97,11 +108,13 @@ def test_logprobs_and_echo(api, peft_model, codec):
 @pytest.mark.parametrize("adapter", ["", "all-r16-pattern"])
 def test_streaming_equals_unary(api, adapter):
     values = dict(model=model_of(adapter), prompt="Now is better than", max_tokens=MAX_TOKENS, temperature=0)
-    unary = api.completions.create(**values)
+    unary = api.completions.create(extra_body=RETURN_IDS, **values)
     chunks = list(api.completions.create(stream=True, stream_options={"include_usage": True}, **values))
     texts = [c.choices[0].text for c in chunks if c.choices]
     assert len(texts) > 1 and all(texts)
     assert "".join(texts) == unary.choices[0].text
+    with_ids = list(api.completions.create(stream=True, extra_body=RETURN_IDS, **values))
+    assert sum((c.choices[0].token_ids for c in with_ids), []) == unary.choices[0].token_ids
     assert [c.choices[0].finish_reason for c in chunks[:-1]] == [None] * (len(chunks) - 2) + [
         unary.choices[0].finish_reason
     ]
@@ -244,3 +257,29 @@ def test_health_follows_the_engine(api, server, tmp_path):
         assert e.value.status_code == 503
     finally:
         dead.stop()
+
+
+@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+def test_one_command_serves_both_and_a_signal_stops_both(assets, tmp_path, sig):
+    """`make serve` (python -m backend.serve): tritonserver and the OpenAI server on the ports given;
+    SIGINT (Ctrl-C) or SIGTERM stops both, and the launcher exits 0."""
+    ports = {name: free_port() for name in ("HTTP_PORT", "GRPC_PORT", "METRICS_PORT", "OPENAI_PORT")}
+    env = {**os.environ, **{k: str(v) for k, v in ports.items()}}
+    env |= {ENV_BASE_MODEL: str(assets / "base"), ENV_ADAPTER_DIR: str(assets / "adapters")}
+    with open(tmp_path / "serve.log", "w") as log:
+        launcher = subprocess.Popen([sys.executable, "-m", "backend.serve"], env=env, stdout=log, stderr=log)
+    url = f"http://localhost:{ports['OPENAI_PORT']}"
+    try:
+        deadline = time.monotonic() + 180
+        while OpenAIServer(url, port=ports["OPENAI_PORT"]).health() != 200:
+            assert launcher.poll() is None and time.monotonic() < deadline, (tmp_path / "serve.log").read_text()
+            time.sleep(0.5)
+        client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)
+        assert client.completions.create(model="qv-r4", prompt="hi", max_tokens=3).usage.completion_tokens == 3
+        children = psutil.Process(launcher.pid).children()
+        assert len(children) == 2  # tritonserver and the OpenAI server
+        launcher.send_signal(sig)
+        assert launcher.wait(60) == 0, (tmp_path / "serve.log").read_text()[-3000:]
+        assert not any(c.is_running() and c.status() != psutil.STATUS_ZOMBIE for c in children)
+    finally:
+        terminate(launcher, 5, group=False)

@@ -13,6 +13,8 @@ import uvicorn
 from backend.openai_server.app import create_app
 from backend.openai_server.settings import Settings
 
+SHUTDOWN_GRACE_S = 5  # at SIGTERM, streams still open after this are closed
+
 
 def parse_settings(argv=None) -> tuple[Settings, argparse.Namespace]:
     d = Settings.from_env()
@@ -46,7 +48,15 @@ def main(argv=None) -> None:
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s %(levelname)s %(message)s")
     logging.getLogger("openai_server").info("settings: %s", settings)
     app = create_app(settings)
-    uvicorn.run(app, host=settings.host, port=settings.port, loop="uvloop", http="httptools", access_log=a.access_log)
+    uvicorn.run(
+        app,
+        host=settings.host,
+        port=settings.port,
+        loop="uvloop",
+        http="httptools",
+        access_log=a.access_log,
+        timeout_graceful_shutdown=SHUTDOWN_GRACE_S,
+    )
 
 
 if __name__ == "__main__":

@@ -13,7 +13,8 @@ import jinja2
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
-from sse_starlette import EventSourceResponse
+from fastapi.sse import format_sse_event
+from starlette.responses import StreamingResponse
 
 from backend.errors import RequestError
 from backend.naming import NAME_RE, adapter_folders
@@ -25,6 +26,7 @@ from backend.openai_server.settings import Settings
 from backend.text import TextCodec
 
 OWNER = "lora-triton"
+SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # no proxy buffers the tokens
 
 
 class Service:
@@ -102,7 +104,7 @@ def create_app(settings: Settings) -> FastAPI:
             ids, prompt = list(body.prompt), None
         deltas = svc.generate(body, ids, body.max_tokens)
         echo = (prompt if prompt is not None else svc.codec.decode(ids)) if body.echo else ""
-        view = CompletionView(svc.codec, body.model, len(ids), body.logprobs is not None, echo)
+        view = CompletionView(svc.codec, body, ids, body.logprobs is not None, echo)
         return await respond(request, body, deltas, view)
 
     @app.post("/v1/chat/completions")
@@ -117,7 +119,7 @@ def create_app(settings: Settings) -> FastAPI:
             raise APIError(400, f"the chat template refused the messages: {e}", "messages") from e
         ids = svc.codec.encode_prompt(text, special=False)  # the template writes its own BOS
         deltas = svc.generate(body, ids, body.max_completion_tokens or body.max_tokens)
-        view = ChatView(svc.codec, body.model, len(ids), bool(body.logprobs))
+        view = ChatView(svc.codec, body, ids, bool(body.logprobs))
         return await respond(request, body, deltas, view)
 
     return app
@@ -178,7 +180,12 @@ async def respond(request: Request, body: Generation, deltas: AsyncIterator[Delt
             await deltas.aclose()
         yield "[DONE]"
 
-    return EventSourceResponse(events(), ping=15)
+    return StreamingResponse(sse(events()), media_type="text/event-stream", headers=SSE_HEADERS)
+
+
+async def sse(events: AsyncIterator[str]) -> AsyncIterator[bytes]:
+    async for data in events:
+        yield format_sse_event(data_str=data)
 
 
 async def collect(deltas: AsyncIterator[Delta]) -> Delta:
@@ -197,8 +204,10 @@ class View:
     object = ""
     chunk_object = ""
 
-    def __init__(self, codec: TextCodec, model: str, prompt_tokens: int, logprobs: bool):
-        self.codec, self.model, self.prompt_tokens, self.want_logprobs = codec, model, prompt_tokens, logprobs
+    def __init__(self, codec: TextCodec, body: Generation, prompt_ids: list[int], logprobs: bool):
+        self.codec, self.model, self.want_logprobs = codec, body.model, logprobs
+        self.prompt_ids, self.prompt_tokens = prompt_ids, len(prompt_ids)
+        self.return_token_ids = bool(body.return_token_ids)
         self.id = f"{self.prefix}-{uuid.uuid4().hex}"
         self.created = int(time.time())
         self.completion_tokens = 0
@@ -214,11 +223,20 @@ class View:
 
     def body(self, whole: Delta) -> dict:
         self.completion_tokens = len(whole.token_ids)
-        return self.envelope(self.object, [self.choice(whole, final=True)]) | {"usage": self.usage()}
+        return self.envelope(self.object, [self.with_ids(self.choice(whole, True), whole)]) | {"usage": self.usage()}
 
     def chunk(self, delta: Delta) -> dict:
         self.completion_tokens += len(delta.token_ids)
-        return self.envelope(self.chunk_object, [self.choice(delta, final=False)])
+        return self.envelope(self.chunk_object, [self.with_ids(self.choice(delta, False), delta)])
+
+    def with_ids(self, choice: dict, delta: Delta) -> dict:
+        """vLLM's return_token_ids: the prompt's ids once (unary, or the first chunk), each delta's ids."""
+        if not self.return_token_ids:
+            return choice
+        choice["token_ids"] = delta.token_ids
+        if self.prompt_ids is not None:
+            choice["prompt_token_ids"], self.prompt_ids = self.prompt_ids, None
+        return choice
 
     def usage_chunk(self) -> dict:
         return self.envelope(self.chunk_object, []) | {"usage": self.usage()}
@@ -237,8 +255,8 @@ class CompletionView(View):
     object = chunk_object = "text_completion"
     prefix = "cmpl"
 
-    def __init__(self, codec, model, prompt_tokens, logprobs, echo: str):
-        super().__init__(codec, model, prompt_tokens, logprobs)
+    def __init__(self, codec, body, prompt_ids, logprobs, echo: str):
+        super().__init__(codec, body, prompt_ids, logprobs)
         self.echo = echo  # the prompt's text, put in front of the answer (echo=true)
         self.offset = len(echo)
 

@@ -6,6 +6,7 @@ from collections.abc import AsyncIterator
 from dataclasses import dataclass
 
 import grpc
+import numpy as np
 import tritonclient.grpc.aio as aio
 
 from backend.errors import code_of
@@ -80,13 +81,9 @@ class EngineClient:
                 if error is not None:
                     ended = True
                     raise engine_error(error.message(), model)
-                finish = result.as_numpy("finish_reason").reshape(-1)[0].decode()
-                ended = bool(finish)
-                yield Piece(
-                    result.as_numpy("output_ids").reshape(-1).tolist(),
-                    result.as_numpy("output_log_probs").reshape(-1).tolist(),
-                    finish,
-                )
+                piece = read_piece(result.get_response())
+                ended = bool(piece.finish_reason)
+                yield piece
                 if ended:
                     return
         except grpc.RpcError as e:
@@ -96,6 +93,15 @@ class EngineClient:
 
     async def close(self) -> None:
         await self.client.close()
+
+
+def read_piece(response) -> Piece:
+    """A ModelInferResponse's outputs, read from their raw bytes (tritonclient's as_numpy costs a
+    noticeable share of a token's time here). A BYTES element is its 4-byte length, then its bytes."""
+    raw = dict(zip((o.name for o in response.outputs), response.raw_output_contents))
+    ids = np.frombuffer(raw["output_ids"], np.int64).tolist()
+    log_probs = np.frombuffer(raw["output_log_probs"], np.float32).tolist()
+    return Piece(ids, log_probs, raw["finish_reason"][4:].decode())
 
 
 async def end(call, ended: bool) -> None:

@@ -42,6 +42,7 @@ class Generation(Strict):
     repetition_penalty: float | None = Field(None, gt=0)  # vLLM
     min_tokens: int | None = Field(None, ge=0)  # vLLM
     ignore_eos: bool | None = None  # vLLM
+    return_token_ids: bool | None = None  # vLLM: the ids of the prompt and of each delta beside the text
     stream: bool | None = False
     stream_options: StreamOptions | None = None
     user: str | None = None  # accepted; nothing is done with it
