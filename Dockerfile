@@ -21,5 +21,5 @@ WORKDIR /opt/lora_serving
 # The demo base model and adapters (.demo/), so the image serves out of the box; mount your own and set
 # LORA_BASE_MODEL / LORA_ADAPTER_DIR to serve them instead.
 RUN python3 -m backend.demo && python3 -m compileall -q model_repository
-EXPOSE 8000 8001 8002
+EXPOSE 8000 8001 8002 9000
 CMD ["tritonserver", "--model-repository", "/opt/lora_serving/model_repository"]
