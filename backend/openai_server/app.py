@@ -5,7 +5,6 @@ lora_llm generates. Keeps no state between requests, so replicas need nothing sh
 import asyncio
 import json
 import time
-import uuid
 from collections.abc import AsyncIterator, Awaitable
 from contextlib import asynccontextmanager
 
@@ -17,12 +16,13 @@ from fastapi.sse import format_sse_event
 from starlette.responses import StreamingResponse
 
 from backend.errors import RequestError
-from backend.naming import NAME_RE, adapter_folders
+from backend.naming import CONFIG_FILE, NAME_RE, adapter_folders
 from backend.openai_server.chat import ChatTemplate, read_template
 from backend.openai_server.engine_client import STATUS, APIError, EngineClient, model_not_found
 from backend.openai_server.generation import Delta, generate_text
 from backend.openai_server.protocol import ChatRequest, CompletionRequest, Generation
 from backend.openai_server.settings import Settings
+from backend.openai_server.views import ChatView, CompletionView, View
 from backend.text import TextCodec
 
 OWNER = "lora-triton"
@@ -48,18 +48,20 @@ class Service:
 
     def models(self) -> list[dict]:
         base = self.settings.base_name
-        listed = [dict(id=base, object="model", created=self.started, owned_by=OWNER, root=base, parent=None)]
+        listed = [model_card(base, self.started, parent=None)]
         if self.settings.list_adapters:
             for folder in adapter_folders(self.settings.adapter_dir):
-                created = int((folder / "adapter_config.json").stat().st_mtime)
-                listed.append(dict(id=folder.name, object="model", created=created, owned_by=OWNER, root=folder.name))
-                listed[-1]["parent"] = base
+                listed.append(model_card(folder.name, int((folder / CONFIG_FILE).stat().st_mtime), parent=base))
         return listed
 
     def generate(self, body: Generation, ids: list[int], max_tokens: int | None) -> AsyncIterator[Delta]:
         lora = self.lora_name(body.model)
         inputs = body.engine_inputs(max_tokens)
         return generate_text(self.engine, self.codec, ids, lora, body.model, inputs, body.stops)
+
+
+def model_card(name: str, created: int, parent: str | None) -> dict:
+    return dict(id=name, object="model", created=created, owned_by=OWNER, root=name, parent=parent)
 
 
 def create_app(settings: Settings) -> FastAPI:
@@ -72,15 +74,14 @@ def create_app(settings: Settings) -> FastAPI:
         await svc.engine.close()
 
     app = FastAPI(title="LoRA adapters on Triton: OpenAI API", lifespan=lifespan)
-    app.state.service = svc
 
     @app.exception_handler(APIError)
     async def api_error(request, e: APIError):
         return JSONResponse(e.body(), status_code=e.status)
 
     @app.exception_handler(RequestError)
-    async def request_error(request, e: RequestError):
-        return JSONResponse(APIError(STATUS.get(e.code, 400), e.message).body(), status_code=STATUS.get(e.code, 400))
+    async def request_error(request, e: RequestError):  # the tokenizer's refusals
+        return await api_error(request, APIError(STATUS.get(e.code, 400), e.message))
 
     @app.exception_handler(RequestValidationError)
     async def validation_error(request, e: RequestValidationError):
@@ -155,7 +156,7 @@ async def disconnected(request: Request) -> None:
         pass
 
 
-async def respond(request: Request, body: Generation, deltas: AsyncIterator[Delta], view: "View"):
+async def respond(request: Request, body: Generation, deltas: AsyncIterator[Delta], view: View):
     """The whole answer, or a stream of server-sent events. Errors before the first token (an unknown
     model, a bad value, a full queue) become the HTTP status; later ones end the stream with an error event."""
     if not body.stream:
@@ -166,26 +167,25 @@ async def respond(request: Request, body: Generation, deltas: AsyncIterator[Delt
         delta = first
         try:
             for chunk in view.opening():
-                yield json.dumps(chunk)
+                yield event(chunk)
             while True:
-                yield json.dumps(view.chunk(delta))
+                yield event(view.chunk(delta))
                 if delta.finish_reason:
                     break
                 delta = await anext(deltas)
             if body.include_usage:
-                yield json.dumps(view.usage_chunk())
+                yield event(view.usage_chunk())
         except APIError as e:
-            yield json.dumps(e.body())
+            yield event(e.body())
         finally:
             await deltas.aclose()
-        yield "[DONE]"
+        yield format_sse_event(data_str="[DONE]")
 
-    return StreamingResponse(sse(events()), media_type="text/event-stream", headers=SSE_HEADERS)
+    return StreamingResponse(events(), media_type="text/event-stream", headers=SSE_HEADERS)
 
 
-async def sse(events: AsyncIterator[str]) -> AsyncIterator[bytes]:
-    async for data in events:
-        yield format_sse_event(data_str=data)
+def event(obj: dict) -> bytes:
+    return format_sse_event(data_str=json.dumps(obj))
 
 
 async def collect(deltas: AsyncIterator[Delta]) -> Delta:
@@ -196,104 +196,3 @@ async def collect(deltas: AsyncIterator[Delta]) -> Delta:
         whole.log_probs += d.log_probs
         whole.finish_reason = d.finish_reason
     return whole
-
-
-class View:
-    """How one endpoint shows deltas: a unary body, or chunks of a stream (opening, one per delta, usage)."""
-
-    object = ""
-    chunk_object = ""
-
-    def __init__(self, codec: TextCodec, body: Generation, prompt_ids: list[int], logprobs: bool):
-        self.codec, self.model, self.want_logprobs = codec, body.model, logprobs
-        self.prompt_ids, self.prompt_tokens = prompt_ids, len(prompt_ids)
-        self.return_token_ids = bool(body.return_token_ids)
-        self.id = f"{self.prefix}-{uuid.uuid4().hex}"
-        self.created = int(time.time())
-        self.completion_tokens = 0
-
-    prefix = ""
-
-    def envelope(self, obj: str, choices: list[dict]) -> dict:
-        return {"id": self.id, "object": obj, "created": self.created, "model": self.model, "choices": choices}
-
-    def usage(self) -> dict:
-        total = self.prompt_tokens + self.completion_tokens
-        return {"prompt_tokens": self.prompt_tokens, "completion_tokens": self.completion_tokens, "total_tokens": total}
-
-    def body(self, whole: Delta) -> dict:
-        self.completion_tokens = len(whole.token_ids)
-        return self.envelope(self.object, [self.with_ids(self.choice(whole, True), whole)]) | {"usage": self.usage()}
-
-    def chunk(self, delta: Delta) -> dict:
-        self.completion_tokens += len(delta.token_ids)
-        return self.envelope(self.chunk_object, [self.with_ids(self.choice(delta, False), delta)])
-
-    def with_ids(self, choice: dict, delta: Delta) -> dict:
-        """vLLM's return_token_ids: the prompt's ids once (unary, or the first chunk), each delta's ids."""
-        if not self.return_token_ids:
-            return choice
-        choice["token_ids"] = delta.token_ids
-        if self.prompt_ids is not None:
-            choice["prompt_token_ids"], self.prompt_ids = self.prompt_ids, None
-        return choice
-
-    def usage_chunk(self) -> dict:
-        return self.envelope(self.chunk_object, []) | {"usage": self.usage()}
-
-    def opening(self) -> list[dict]:
-        return []
-
-    def tokens(self, ids: list[int]) -> list[str]:
-        return [self.codec.decode([t]) for t in ids]
-
-    def choice(self, delta: Delta, final: bool) -> dict:
-        raise NotImplementedError
-
-
-class CompletionView(View):
-    object = chunk_object = "text_completion"
-    prefix = "cmpl"
-
-    def __init__(self, codec, body, prompt_ids, logprobs, echo: str):
-        super().__init__(codec, body, prompt_ids, logprobs)
-        self.echo = echo  # the prompt's text, put in front of the answer (echo=true)
-        self.offset = len(echo)
-
-    def choice(self, delta: Delta, final: bool) -> dict:
-        text = self.echo + delta.text
-        self.echo = ""
-        logprobs = None
-        if self.want_logprobs:
-            tokens = self.tokens(delta.token_ids)
-            offsets = []
-            for t in tokens:
-                offsets.append(self.offset)
-                self.offset += len(t)
-            logprobs = dict(tokens=tokens, token_logprobs=delta.log_probs, top_logprobs=None, text_offset=offsets)
-        return {"index": 0, "text": text, "logprobs": logprobs, "finish_reason": delta.finish_reason}
-
-
-class ChatView(View):
-    object = "chat.completion"
-    chunk_object = "chat.completion.chunk"
-    prefix = "chatcmpl"
-
-    def opening(self) -> list[dict]:
-        choice = {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
-        return [self.envelope(self.chunk_object, [choice])]
-
-    def logprobs(self, delta: Delta) -> dict | None:
-        if not self.want_logprobs:
-            return None
-        content = [
-            dict(token=t, logprob=lp, bytes=list(t.encode()), top_logprobs=[])
-            for t, lp in zip(self.tokens(delta.token_ids), delta.log_probs)
-        ]
-        return {"content": content}
-
-    def choice(self, delta: Delta, final: bool) -> dict:
-        choice = {"index": 0, "logprobs": self.logprobs(delta), "finish_reason": delta.finish_reason}
-        if final:
-            return choice | {"message": {"role": "assistant", "content": delta.text}}
-        return choice | {"delta": {"content": delta.text} if delta.text else {}}
