@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 RUFF := .venv/bin/ruff
 
-.PHONY: setup demo serve test test-slow bench soak lint format
+.PHONY: setup demo serve test test-heavy test-slow bench soak lint format
 
 setup:
 	@bash scripts/setup.sh
@@ -16,7 +16,11 @@ serve: setup
 	$(PY) -m backend.serve
 
 test: setup lint
-	$(PY) -m pytest -m "not slow"
+	$(PY) -m pytest -m "not slow and not heavy"
+
+# The tests of most of a minute each (a few servers started with their own settings); .ci/run runs them after `make test`.
+test-heavy: setup
+	$(PY) -m pytest -m heavy
 
 test-slow: setup
 	$(PY) -m pytest -m slow

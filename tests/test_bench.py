@@ -5,6 +5,8 @@ import subprocess
 import sys
 from pathlib import Path
 
+import pytest
+
 ROOT = Path(__file__).resolve().parent.parent
 
 
@@ -20,6 +22,7 @@ def test_kernel_benchmark_smoke(tmp_path):
     assert "| T | r | adapters |" in table.with_suffix(".md").read_text()
 
 
+@pytest.mark.heavy
 def test_serving_benchmark_quick(tmp_path):
     """`make bench` in --quick mode: a tiny model, every system (PEFT, the engine, the real tritonserver,
     the OpenAI server in front of it) and workload once. It checks that the benchmark works and that
@@ -41,6 +44,7 @@ def test_serving_benchmark_quick(tmp_path):
     assert table.with_suffix(".png").stat().st_size > 10_000
 
 
+@pytest.mark.heavy
 def test_soak_smoke(tmp_path):
     """`make soak` for a few seconds with a few clients: every front door answers, nothing unexpected
     fails, nothing stays in flight and the server stops cleanly. Memory drift is not judged so soon."""

@@ -171,8 +171,18 @@ def full_grid() -> list[Case]:
     return [c for c in dict.fromkeys(cases) if c not in set(representative())]
 
 
-@pytest.mark.parametrize("configs", ["interpreter", "gpu"])
-@pytest.mark.parametrize("case", representative(), ids=str)
+def representative_runs() -> list:
+    """(case, configs) for every representative case; the one that takes a minute under the
+    interpreter with a GPU's tiles runs in the heavy stage."""
+    heavy = Case(torch.float32, "mixed", 300, "every token", "odd")
+    return [
+        pytest.param(case, configs, marks=[pytest.mark.heavy] if (case, configs) == (heavy, "gpu") else [])
+        for case in representative()
+        for configs in ("interpreter", "gpu")
+    ]
+
+
+@pytest.mark.parametrize("case, configs", representative_runs(), ids=str)
 def test_kernels_match_reference(case, configs):
     check(case, configs=configs)
 

@@ -41,6 +41,7 @@ def big_base(tmp_path_factory):
     return root
 
 
+@pytest.mark.heavy
 def test_front_doors_do_not_copy_the_base(big_base, capsys):
     weights = (big_base / "base" / "model.safetensors").stat().st_size
     env = {ENV_BASE_MODEL: str(big_base / "base"), ENV_ADAPTER_DIR: str(big_base / "adapters")}

@@ -259,7 +259,9 @@ def test_health_follows_the_engine(api, server, tmp_path):
         dead.stop()
 
 
-@pytest.mark.parametrize("sig", [signal.SIGINT, signal.SIGTERM], ids=["SIGINT", "SIGTERM"])
+@pytest.mark.parametrize(
+    "sig", [signal.SIGINT, pytest.param(signal.SIGTERM, marks=pytest.mark.heavy)], ids=["SIGINT", "SIGTERM"]
+)
 def test_one_command_serves_both_and_a_signal_stops_both(assets, tmp_path, sig):
     """`make serve` (python -m backend.serve): tritonserver and the OpenAI server on the ports given;
     SIGINT (Ctrl-C) or SIGTERM stops both, and the launcher exits 0."""

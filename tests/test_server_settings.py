@@ -41,6 +41,7 @@ def test_the_log_shows_the_settings_in_effect(chunked, assets):
     assert "KV cache 2.0 MiB: 256 blocks of 16 tokens, 4096 tokens at 512 bytes each" in log
 
 
+@pytest.mark.heavy
 def test_a_config_given_at_load_is_served_and_shown(assets, tmp_path):
     """Triton's own override: the load API with a whole config (explicit model control). The config
     endpoint then shows it, and the engine runs with it."""
@@ -87,6 +88,7 @@ def test_a_short_request_behind_a_long_prompt_comes_first(chunked, peft_model):
     assert 200 // CHUNK + 3 <= steps <= 200 // CHUNK + 1 + 3 + 3, steps  # chunks, decodes; the short ones overlap
 
 
+@pytest.mark.heavy
 def test_a_base_folder_without_a_tokenizer(assets, tmp_path, peft_model):
     base = tmp_path / "base"
     shutil.copytree(assets / "base", base)
