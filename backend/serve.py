@@ -13,11 +13,10 @@ import subprocess
 import sys
 import threading
 import time
-import urllib.request
 from pathlib import Path
 
 from backend.config import DEMO_DIR, ENV_ADAPTER_DIR, ENV_BASE_MODEL, REPO_ROOT
-from client.server import terminate, tritonserver_binary
+from client.server import http_status, terminate, tritonserver_binary
 
 PORTS = {"HTTP_PORT": 8000, "GRPC_PORT": 8001, "METRICS_PORT": 8002, "OPENAI_PORT": 9000}
 
@@ -30,12 +29,8 @@ def wait_until(url: str, process: subprocess.Popen, timeout: float) -> bool:
     """True once url answers 200; False if the process exits or time runs out first."""
     deadline = time.monotonic() + timeout
     while time.monotonic() < deadline and process.poll() is None:
-        try:
-            with urllib.request.urlopen(url, timeout=2) as r:
-                if r.status == 200:
-                    return True
-        except OSError:
-            pass
+        if http_status(url, timeout=2) == 200:
+            return True
         time.sleep(0.5)
     return False
 

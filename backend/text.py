@@ -133,25 +133,22 @@ MAX_STOP_STRINGS = 4
 class StopStrings:
     """Finds the first stop string in generated text as it arrives in pieces. `add` returns the text
     that can go out (none of it can begin a stop string) and whether a stop string was found; the
-    text is then cut before it. What may still begin one is held until `flush`."""
+    text is then cut before it. What may still begin one is held until the final piece."""
 
     def __init__(self, stops: list[str]):
         self.stops = [s for s in stops if s]
         self.held = ""
 
-    def add(self, piece: str) -> tuple[str, bool]:
+    def add(self, piece: str, final: bool = False) -> tuple[str, bool]:
         text = self.held + piece
         found = [i for i in (text.find(s) for s in self.stops) if i >= 0]
         if found:
             self.held = ""
             return text[: min(found)], True
-        keep = max((k for s in self.stops for k in range(1, len(s)) if text.endswith(s[:k])), default=0)
+        prefixes = (k for s in self.stops for k in range(1, len(s)) if text.endswith(s[:k]))
+        keep = 0 if final else max(prefixes, default=0)
         self.held = text[len(text) - keep :] if keep else ""
         return text[: len(text) - keep], False
-
-    def flush(self) -> str:
-        text, self.held = self.held, ""
-        return text
 
 
 def check_stop_strings(stops: list[str]) -> list[str]:

@@ -119,9 +119,8 @@ class TextDoor:
             version = io.first(pb_utils.get_output_tensor_by_name(response, "adapter_version").as_numpy())
             text, hit = self.codec.decode(ids), False
             if stops is not None:
-                text, hit = stops.add(text)
+                text, hit = stops.add(text, final=bool(finish))
                 finish = "stop" if hit else finish
-                text += stops.flush() if finish and not hit else ""
             if stream and not finish:
                 if text:
                     sender.send(text_response(text, "", version))

@@ -220,9 +220,8 @@ class OpenAI(Server):
         from client.server import OpenAIServer
 
         super().__init__(assets, shape, device, dtype, settings)
-        args = ["--model-dir", str(assets / "base"), "--adapter-dir", str(assets / "adapters")]
         log = Path(self.tmp.name) / "openai.log"
-        self.front = OpenAIServer(self.server.grpc_url, args, log_path=log).start()
+        self.front = OpenAIServer(self.server.grpc_url, assets / "base", assets / "adapters", log_path=log).start()
 
     async def _run(self, w: Workload, reqs) -> list[dict]:
         import aiohttp

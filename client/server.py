@@ -45,6 +45,17 @@ def tritonserver_binary() -> str:
     return found
 
 
+def http_status(url: str, timeout: float = 5.0) -> int | None:
+    """The status of GET url, or None while nothing answers."""
+    try:
+        with urllib.request.urlopen(url, timeout=timeout) as r:
+            return r.status
+    except urllib.error.HTTPError as e:
+        return e.code
+    except OSError:
+        return None
+
+
 def terminate(process: subprocess.Popen | None, timeout: float, group: bool = False) -> int:
     """SIGTERM, then SIGKILL (to its process group too) if it has not exited within `timeout` s."""
     if process is None or process.poll() is not None:
@@ -107,11 +118,7 @@ class TritonServer:
         raise TimeoutError(f"tritonserver not ready after {timeout:.0f} s:\n{self.log_tail()}")
 
     def ready(self) -> bool:
-        try:
-            with urllib.request.urlopen(f"http://{self.http_url}/v2/health/ready", timeout=2) as r:
-                return r.status == 200
-        except OSError:
-            return False
+        return http_status(f"http://{self.http_url}/v2/health/ready", timeout=2) == 200
 
     def stop(self, timeout: float = 60.0) -> int:
         """SIGTERM, as a user's Ctrl-C would; the whole process group is killed if it does not exit."""
@@ -157,6 +164,8 @@ class OpenAIServer:
     """The OpenAI server (python -m backend.openai_server) in front of a running tritonserver."""
 
     triton_url: str
+    model_dir: Path | None = None  # the base model folder (its tokenizer); None: the server's default
+    adapter_dir: Path | None = None
     args: list[str] = field(default_factory=list)  # more of its command-line options
     port: int = field(default_factory=free_port)
     log_path: Path | None = None
@@ -168,11 +177,10 @@ class OpenAIServer:
 
     def start(self, timeout: float = 60.0, wait_ready: bool = True) -> "OpenAIServer":
         cmd = [sys.executable, "-m", "backend.openai_server", "--triton-url", self.triton_url, "--port", str(self.port)]
+        cmd += [*self.folder_args(), "--host", "127.0.0.1", *self.args]
         self.log_path = Path(self.log_path or Path(os.environ.get("TMPDIR", "/tmp")) / f"openai-{self.port}.log")
         with open(self.log_path, "w") as log:
-            self.process = subprocess.Popen(
-                [*cmd, "--host", "127.0.0.1", *self.args], cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT
-            )
+            self.process = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
         deadline = time.monotonic() + timeout
         while time.monotonic() < deadline:
             if self.process.poll() is not None:
@@ -184,15 +192,13 @@ class OpenAIServer:
         self.stop()
         raise TimeoutError(f"the OpenAI server did not start in {timeout:.0f} s:\n{self.log_tail()}")
 
+    def folder_args(self) -> list[str]:
+        folders = {"--model-dir": self.model_dir, "--adapter-dir": self.adapter_dir}
+        return [arg for option, folder in folders.items() if folder is not None for arg in (option, str(folder))]
+
     def health(self) -> int | None:
         """The status of GET /health, or None while nothing answers."""
-        try:
-            with urllib.request.urlopen(f"{self.url}/health", timeout=5) as r:
-                return r.status
-        except urllib.error.HTTPError as e:
-            return e.code
-        except OSError:
-            return None
+        return http_status(f"{self.url}/health")
 
     def stop(self, timeout: float = 30.0) -> int:
         return terminate(self.process, timeout)

@@ -168,9 +168,8 @@ def test_client_that_leaves_stops_its_generation(fserver, case):
 
 @pytest.fixture(scope="module")
 def fopenai(fserver, fault_assets, tmp_path_factory):
-    args = ["--model-dir", str(fault_assets / "base"), "--adapter-dir", str(fault_assets / "adapters")]
     log = tmp_path_factory.mktemp("fault-openai") / "openai.log"
-    with OpenAIServer(fserver.grpc_url, args, log_path=log) as front:
+    with OpenAIServer(fserver.grpc_url, fault_assets / "base", fault_assets / "adapters", log_path=log) as front:
         yield front
 
 

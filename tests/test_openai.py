@@ -18,7 +18,7 @@ from transformers import AutoTokenizer
 
 from backend.config import ENV_ADAPTER_DIR, ENV_BASE_MODEL
 from backend.text import TextCodec
-from client.server import OpenAIServer, free_port, terminate
+from client.server import OpenAIServer, free_port, http_status, terminate
 from tests.conftest import ADAPTERS, peft_generate
 from tests.test_server import mixed_requests, wait_idle
 
@@ -37,8 +37,7 @@ TEMPLATE = (
 def api(server, assets, tmp_path_factory):
     """The OpenAI server on the session's base folder (no chat template); the SDK pointed at it."""
     log = tmp_path_factory.mktemp("openai") / "openai.log"
-    args = ["--model-dir", str(assets / "base"), "--adapter-dir", str(assets / "adapters")]
-    with OpenAIServer(server.grpc_url, args, log_path=log) as front:
+    with OpenAIServer(server.grpc_url, assets / "base", assets / "adapters", log_path=log) as front:
         yield openai.OpenAI(base_url=f"{front.url}/v1", api_key="unused", max_retries=0)
 
 
@@ -55,9 +54,8 @@ def chat_dir(assets, tmp_path_factory):
 @pytest.fixture(scope="module")
 def chat_api(server, assets, chat_dir, tmp_path_factory):
     log = tmp_path_factory.mktemp("openai-chat") / "openai.log"
-    args = ["--model-dir", str(chat_dir), "--adapter-dir", str(assets / "adapters")]
-    args += ["--served-model-name", "chat-base", "--no-list-adapters"]
-    with OpenAIServer(server.grpc_url, args, log_path=log) as front:
+    args = ["--served-model-name", "chat-base", "--no-list-adapters"]
+    with OpenAIServer(server.grpc_url, chat_dir, assets / "adapters", args, log_path=log) as front:
         yield openai.OpenAI(base_url=f"{front.url}/v1", api_key="unused", max_retries=0)
 
 
@@ -247,8 +245,8 @@ def test_health_follows_the_engine(api, server, tmp_path):
     requests."""
     with urllib.request.urlopen(f"{str(api.base_url).removesuffix('/v1/')}/health", timeout=5) as r:
         assert r.status == 200
-    args = ["--model-dir", server.env["LORA_BASE_MODEL"]]
-    dead = OpenAIServer("localhost:1", args, log_path=tmp_path / "openai.log").start(wait_ready=False)
+    dead = OpenAIServer("localhost:1", server.env["LORA_BASE_MODEL"], log_path=tmp_path / "openai.log")
+    dead.start(wait_ready=False)
     try:
         assert dead.health() == 503
         client = openai.OpenAI(base_url=f"{dead.url}/v1", api_key="unused", max_retries=0)
@@ -273,7 +271,7 @@ def test_one_command_serves_both_and_a_signal_stops_both(assets, tmp_path, sig):
     url = f"http://localhost:{ports['OPENAI_PORT']}"
     try:
         deadline = time.monotonic() + 180
-        while OpenAIServer(url, port=ports["OPENAI_PORT"]).health() != 200:
+        while http_status(f"{url}/health") != 200:
             assert launcher.poll() is None and time.monotonic() < deadline, (tmp_path / "serve.log").read_text()
             time.sleep(0.5)
         client = openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0)

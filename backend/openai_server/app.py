@@ -191,8 +191,5 @@ def event(obj: dict) -> bytes:
 async def collect(deltas: AsyncIterator[Delta]) -> Delta:
     whole = Delta()
     async for d in deltas:
-        whole.text += d.text
-        whole.token_ids += d.token_ids
-        whole.log_probs += d.log_probs
-        whole.finish_reason = d.finish_reason
+        whole.extend(d)
     return whole

@@ -15,6 +15,13 @@ class Delta:
     log_probs: list[float] = field(default_factory=list)
     finish_reason: str | None = None  # "stop" | "length" on the last one
 
+    def extend(self, later: "Delta") -> "Delta":
+        self.text += later.text
+        self.token_ids += later.token_ids
+        self.log_probs += later.log_probs
+        self.finish_reason = later.finish_reason
+        return self
+
 
 class Detokenizer:
     def __init__(self, codec: TextCodec, stops: list[str]):
@@ -38,13 +45,11 @@ class Detokenizer:
                 continue
             text = self.codec.decode(group[0])
             if self.stops is not None:
-                text, hit = self.stops.add(text)
+                text, hit = self.stops.add(text, final=last)
                 if hit:
                     delta.text += text
                     delta.finish_reason = "stop"
                     return delta
-                if last:
-                    text += self.stops.flush()
             delta.text += text
         delta.finish_reason = finish or None
         return delta
@@ -61,8 +66,7 @@ async def generate_text(
     try:
         async for piece in pieces:
             delta = detok.add(piece)
-            held = Delta(held.text + delta.text, held.token_ids + delta.token_ids, held.log_probs + delta.log_probs)
-            held.finish_reason = delta.finish_reason
+            held.extend(delta)
             if held.text or held.finish_reason:
                 yield held
                 held = Delta()
