@@ -73,26 +73,60 @@ POISON = {
 }
 
 
-@pytest.mark.parametrize("case", POISON)
-def test_poison_fails_alone(fserver, case):
-    """Each poisoning request, sent with 6 good ones at once: the good ones get exactly the outputs
-    they get alone; the poisoned one gets its own error (or, for a tiny temperature, an answer)."""
-    alone = [good_call(fserver, *g).token_ids for g in GOOD]
+def beside_good(server, call):
+    """call(server) sent with 6 good requests at once, which must get exactly the outputs they get
+    alone; (its result, None) or (None, the error it raised)."""
+    alone = [good_call(server, *g).token_ids for g in GOOD]
     with ThreadPoolExecutor(len(GOOD) + 1) as pool:
-        poisoned = pool.submit(POISON[case], fserver)
-        together = [pool.submit(good_call, fserver, *g) for g in GOOD]
+        poisoned = pool.submit(call, server)
+        together = [pool.submit(good_call, server, *g) for g in GOOD]
         outputs = [f.result().token_ids for f in together]
         try:
             result, error = poisoned.result(), None
         except InferenceServerException as e:
             result, error = None, e
     assert outputs == alone
+    return result, error
+
+
+@pytest.mark.parametrize("case", POISON)
+def test_poison_fails_alone(fserver, case):
+    """Each poisoning request, sent with 6 good ones at once: the good ones get exactly the outputs
+    they get alone; the poisoned one gets its own error (or, for a tiny temperature, an answer)."""
+    result, error = beside_good(fserver, POISON[case])
     if case == "tiny temperature":
         assert error is None and len(result.token_ids) == 24  # raised to the floor: all but greedy
     else:
         assert error is not None
         assert any(s in error.message() for s in ("not valid UTF-8", "cannot fit the context")), error
         assert str(error.status()) in ("400", "StatusCode.INVALID_ARGUMENT", "None"), error
+
+
+BAD_CONTROLS = {  # the generation controls' bad values, on each door: (call, what the error says)
+    "repetition_penalty 0": (
+        lambda s: generate(s.grpc_url, "lora_llm", input_ids=[1, 5, 6], repetition_penalty=0.0),
+        "repetition_penalty must be > 0",
+    ),
+    "min_length above max_tokens": (
+        lambda s: generate(s.grpc_url, "lora_llm", input_ids=[1, 5, 6], max_tokens=4, min_length=5),
+        "min_length must be in [0, max_tokens=4]",
+    ),
+    "presence_penalty 3 to lora_text": (
+        lambda s: infer(s.http_url, "http", "lora_text", text_input="Beautiful is", presence_penalty=3.0),
+        "presence_penalty must be in [-2, 2]",
+    ),
+    "5 stop words to the ensemble": (
+        lambda s: generate(s.grpc_url, "ensemble", text_input="Beautiful is", stream=True, stop_words=list("abcde")),
+        "at most 4 stop strings",
+    ),
+}
+
+
+@pytest.mark.parametrize("case", BAD_CONTROLS)
+def test_bad_generation_controls_fail_alone(fserver, case):
+    call, message = BAD_CONTROLS[case]
+    _, error = beside_good(fserver, call)
+    assert error is not None and message in error.message(), error
 
 
 def generated(server) -> float:

@@ -283,3 +283,28 @@ def test_one_command_serves_both_and_a_signal_stops_both(assets, tmp_path, sig):
         assert not any(c.is_running() and c.status() != psutil.STATUS_ZOMBIE for c in children)
     finally:
         terminate(launcher, 5, group=False)
+
+
+def test_bad_requests_fail_alone_beside_good_ones(api, vocab):
+    """An unknown model and bad values sent at once with 8 good requests: each bad one gets its own 404
+    or 400, and the good ones get exactly their answers alone."""
+    good = mixed_requests(8, vocab, seed=9)
+    bad = [dict(model="no-such-adapter"), dict(model="qv-r4", temperature=-1), dict(model="qv-r4", max_tokens=10**5)]
+
+    def call(req):
+        name, ids = req
+        return api.completions.create(model=model_of(name), prompt=ids, max_tokens=MAX_TOKENS, temperature=0)
+
+    def refused(values):
+        try:
+            api.completions.create(**({"prompt": "hi", "max_tokens": 3} | values))
+        except openai.APIStatusError as e:
+            return e.status_code
+        return None
+
+    alone = [call(r).choices[0].text for r in good]
+    with ThreadPoolExecutor(len(good) + len(bad)) as pool:
+        errors = pool.map(refused, bad)
+        together = [c.choices[0].text for c in pool.map(call, good)]
+        assert list(errors) == [404, 400, 400]
+    assert together == alone
