@@ -78,7 +78,16 @@ def context_length(model_config: dict, max_model_len: int = 0) -> int:
     """The model's context in tokens (a config.json's values), capped at max_model_len when that is
     set; 0 if neither says."""
     length = model_config.get("max_position_embeddings") or model_config.get("n_positions") or 0
+    length = int(length * dynamic_rope_factor(model_config))
     return min(length, max_model_len) if length and max_model_len else (length or max_model_len)
+
+
+def dynamic_rope_factor(model_config: dict) -> float:
+    """Dynamic NTK RoPE only rescales past max_position_embeddings: its context is that times `factor`, as vLLM
+    derives it. (A fixed NTK `alpha`, as HunYuan's configs give, is not dynamic.)"""
+    rope = model_config.get("rope_parameters") or model_config.get("rope_scaling") or {}
+    kind = rope.get("rope_type", rope.get("type"))
+    return float(rope.get("factor") or 1.0) if kind == "dynamic" and not rope.get("alpha") else 1.0
 
 
 def parse_value(kind: type, raw: str, root: Path):

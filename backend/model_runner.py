@@ -19,6 +19,8 @@ from backend.attention import AttentionMeta, AttnArgs, PagedAttention, Unsupport
 from backend.config import context_length
 from backend.kv_cache import KVCache, LayerShape, budget_bytes, fmt_bytes, plan_cache
 from backend.lora_layers import LoRAContext, LoRALinear, LoRAStep, wrap_model
+from backend.model_checks import check_config, check_layers
+from backend.rope import per_sequence_rope
 
 log = logging.getLogger("lora_engine")
 ATTENTION = "lora_engine"
@@ -31,6 +33,7 @@ class SeqWork:
     cached: int  # tokens already in the cache
     slot: int  # LoRA slot, -1 for the base model
     sample: bool = True  # False for a prompt chunk that is not its last: no logits
+    length: int = 0  # its whole length, prompt chunks or not: batch-dependent RoPE takes frequencies from it
 
 
 @dataclass(frozen=True)
@@ -41,6 +44,7 @@ class StepBatch:
     last: torch.Tensor  # [B] index of the last token of each sampled sequence: where logits are taken
     lora: LoRAStep  # which tokens use which adapter slot
     spans: tuple[tuple[int, int], ...]  # (first token, tokens) of each sequence, in `work` order
+    rope: tuple[tuple[int, int, int], ...] = ()  # (first token, tokens, length) of each sequence
 
 
 def make_step(
@@ -73,6 +77,7 @@ def make_step(
         torch.tensor(last, **as_long),
         lora,
         tuple((starts[i], len(w.tokens)) for i, w in enumerate(work)),
+        tuple((starts[i], len(w.tokens), max(w.length, w.cached + len(w.tokens))) for i, w in enumerate(work)),
     )
 
 
@@ -123,6 +128,7 @@ class ModelRunner:
         kv_block_size: int = 16,
         attention_backend: str = "auto",
     ):
+        check_config(model_dir)
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation=ATTENTION)
         self.model.to(device).eval()
         self.device = torch.device(device)
@@ -132,6 +138,7 @@ class ModelRunner:
         if not self.max_len:
             raise ValueError(f"{self.arch}: the model's config gives no context length; set max_model_len")
         self.vocab_size = self.model.get_input_embeddings().num_embeddings
+        check_layers(self.model, self.arch)
         self.module_names = [n for n, _ in self.model.named_modules() if n]
         ops = lora_ops.LoRAOps(lora_backend, self.device)
         self.lora: LoRAContext = wrap_model(self.model, targets, num_slots, max_rank, ops)
@@ -144,6 +151,7 @@ class ModelRunner:
             dense.own_memory(self.model)
         self.lora_on_output = isinstance(self.model.get_output_embeddings(), LoRALinear)
         self.step: StepBatch | None = None
+        self.rope = per_sequence_rope(self.model, self.arch, lambda: self.step and self.step.rope)
         self.paged_kernel = lora_ops.pick_backend(attention_backend, self.device, "attention_backend") == "triton"
         self.block_size = kv_block_size
         self.layers = self._hook_attention()
