@@ -50,7 +50,7 @@ def split(out, dim: int, sizes: list[int]) -> list:
 def frequency_key(module: nn.Module, layer_type=None) -> Callable[[int], object]:
     """Sequence lengths that get the same frequencies from `module` share a key, and their sequences one call:
     longrope has two sets (up to its original length and past it), dynamic one up to its original length."""
-    rope_type, params = module.rope_type, getattr(module.config, "rope_parameters", None) or {}
+    rope_type, params = module.rope_type, getattr(getattr(module, "config", None), "rope_parameters", None) or {}
     if isinstance(rope_type, dict):
         rope_type, params = rope_type.get(layer_type), params.get(layer_type) or {}
     if rope_type == "longrope" and "original_max_position_embeddings" in params:
