@@ -6,11 +6,17 @@ RUN apt-get update && apt-get install -y --no-install-recommends build-essential
     && rm -rf /var/lib/apt/lists/*
 
 # The image has its own server and CUDA: no nvidia-pytriton / CUDA runtime wheel. torch==2.13.0 from PyPI is the
-# CUDA 13 build (host driver >= 580); it pins its own triton and nvidia-*/cuda-* wheels, so drop those pins.
+# CUDA 13 build (host driver >= 580); it pins its own triton and nvidia-*/cuda-* wheels, so drop those pins. Then
+# the triton that requirements.txt pins, the one the kernels are tested with, replaces torch's (--no-deps: pip
+# reports torch's pin as unmet, and the kernels need nothing else of it), and the build checks that it did.
 COPY requirements.txt constraints.txt /tmp/
 RUN grep -vE '^(nvidia-pytriton|nvidia-cuda-runtime-cu12|triton)==' /tmp/requirements.txt >/tmp/req.txt \
     && grep -vE '^(nvidia-|cuda-|triton==)' /tmp/constraints.txt >/tmp/con.txt \
     && PIP_BREAK_SYSTEM_PACKAGES=1 python3 -m pip install --no-cache-dir -r /tmp/req.txt -c /tmp/con.txt \
+    && pin="$(grep -E '^triton==' /tmp/requirements.txt)" \
+    && PIP_BREAK_SYSTEM_PACKAGES=1 python3 -m pip install --no-cache-dir --no-deps "$pin" \
+    && installed="triton==$(python3 -c 'import triton; print(triton.__version__)')" \
+    && { [ "$installed" = "$pin" ] || { echo "requirements.txt pins $pin, the image has $installed" >&2; exit 1; }; } \
     && rm /tmp/requirements.txt /tmp/constraints.txt /tmp/req.txt /tmp/con.txt
 
 COPY . /opt/lora_serving
