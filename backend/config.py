@@ -74,6 +74,20 @@ class EngineConfig:
         return [s.strip() for s in t.split(",") if s.strip()]
 
 
+def instance_device(setting: str, args: dict[str, str]) -> tuple[str, str]:
+    """(device, why) for the model instance Triton initializes with `args` (model_instance_kind "GPU",
+    "CPU" or "MODEL"; model_instance_device_id). A KIND_GPU instance runs on its own GPU when the device
+    setting is auto or cuda: one instance per GPU, one engine per GPU. Other kinds keep the setting (auto:
+    cuda if there is one, else the CPU); an explicit device (cuda:1, cpu) wins over the instance's GPU."""
+    if args.get("model_instance_kind") != "GPU":
+        return setting, ""
+    own = f"cuda:{int(args.get('model_instance_device_id') or 0)}"
+    device = own if setting in ("auto", "cuda") else setting
+    if device == own:
+        return device, f"device {device}: this KIND_GPU instance's GPU"
+    return device, f"device {device} as set, not this KIND_GPU instance's GPU ({own})"
+
+
 def context_length(model_config: dict, max_model_len: int = 0) -> int:
     """The model's context in tokens (a config.json's values), capped at max_model_len when that is
     set; 0 if neither says."""

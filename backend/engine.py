@@ -23,10 +23,12 @@ import torch
 from backend.adapter_manager import AdapterManager, Want
 from backend.adapters import AdapterStore
 from backend.config import EngineConfig
+from backend.device_faults import device_lost
 from backend.errors import (
     RequestError,
     cancelled,
     deadline_exceeded,
+    device_failed,
     engine_stopped,
     internal,
     invalid,
@@ -37,6 +39,7 @@ from backend.metrics import Metrics
 from backend.model_runner import ModelRunner, SeqWork
 from backend.request import GenerationRequest, Limits
 from backend.sampling import Controls, make_generator, sample
+from backend.warmup import warm_up
 
 log = logging.getLogger("lora_engine")
 
@@ -88,6 +91,7 @@ class Engine:
         self.running: list[Sequence] = []  # in the order admitted
         self.stopping = threading.Event()
         self.stopped = False  # the engine thread has ended: nothing would answer
+        self.fault: str | None = None  # why the device can no longer serve: the engine stops
         self.drain_by: float | None = None  # at shutdown: requests still running then end with UNAVAILABLE
         self.lock = threading.Lock()  # submit vs. the loop's decision to stop
         self.wake = threading.Event()  # a request or an adapter read arrived
@@ -104,8 +108,11 @@ class Engine:
         cfg = self.cfg
         torch.set_num_threads(cfg.num_threads or len(os.sched_getaffinity(0)))
         device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
+        on_gpu = torch.device(device).type == "cuda"
+        if on_gpu:  # Triton launches its kernels on the thread's current device, not on the tensors'
+            torch.cuda.set_device(device)
         # "auto" keeps the saved dtype on a GPU; on a CPU, half precision is slow and fp32 is exact.
-        dtype = getattr(torch, cfg.dtype) if cfg.dtype != "auto" else ("auto" if device == "cuda" else torch.float32)
+        dtype = getattr(torch, cfg.dtype) if cfg.dtype != "auto" else ("auto" if on_gpu else torch.float32)
         self.runner = ModelRunner(
             cfg.base_model,
             dtype=dtype,
@@ -121,6 +128,7 @@ class Engine:
             attention_backend=cfg.attention_backend,
         )
         self.kv = self.runner.kv
+        self.warmup = warm_up(self.runner, cfg.max_prefill_tokens + cfg.max_num_seqs, cfg.max_num_seqs)
         store = AdapterStore(
             cfg.adapter_dir, self.runner.shapes, self.runner.module_names, cfg.max_lora_rank, cfg.allow_adapter_symlinks
         )
@@ -155,8 +163,9 @@ class Engine:
                 self.stopped = True
             while not self.inbox.empty():
                 self.waiting.append(self.inbox.get_nowait())
+            error = engine_stopped() if self.fault is None else device_failed(self.fault)
             for seq in [*self.running, *self.waiting]:  # none after a normal stop
-                self._emit(seq, Output([], [], error=engine_stopped()))
+                self._emit(seq, Output([], [], error=error))
             self.adapters.close()
 
     def start(self) -> "Engine":
@@ -169,8 +178,8 @@ class Engine:
 
     @property
     def serving(self) -> bool:
-        """False once the engine thread has stopped (died, or drained at shutdown)."""
-        return not self.stopped
+        """False once the engine thread has stopped (died, or drained at shutdown) or the device is lost."""
+        return not self.stopped and self.fault is None
 
     def submit(self, req: GenerationRequest, emit: Callable[[Output], None]) -> None:
         """Queues a request; `emit` is called from the engine thread. Raises RequestError (INVALID_ARG,
@@ -179,6 +188,8 @@ class Engine:
             raise invalid(f"{len(req.input_ids)} prompt tokens + max_tokens {req.max_tokens} do not fit the context")
         want = self.adapters.want(req.lora_name) if req.lora_name else None
         with self.lock:
+            if self.fault is not None:
+                raise device_failed(self.fault)
             if self.stopping.is_set():
                 raise unavailable()
             if self.stopped:
@@ -206,7 +217,7 @@ class Engine:
             log.warning("engine did not drain within %.0f s", timeout)
 
     def _loop(self) -> None:
-        while not self._idle_until_work():
+        while self.fault is None and not self._idle_until_work():
             try:
                 self.wake.clear()
                 if not self.step():  # everyone waits (an adapter read, a slot): until something arrives
@@ -218,9 +229,7 @@ class Engine:
                     self.kv.num_blocks - len(self.kv.free),
                 )
             except Exception as e:  # a bug must not leave requests waiting forever
-                log.exception("engine step failed")
-                for seq in [*self.running, *self.waiting]:
-                    self._finish(seq, error=internal(f"engine step failed: {e}"))
+                self._failed(e, [*self.running, *self.waiting])
 
     def _idle_until_work(self) -> bool:
         """Waits while there is nothing to do; True once the engine should stop."""
@@ -261,9 +270,7 @@ class Engine:
             logits = self.runner.forward(self.runner.make_step(fed))
             tokens, logprobs = sample(logits, [s.controls() for s in sampled])
         except Exception as e:  # a failed step fails its requests, not the server
-            log.exception("engine step failed")
-            for seq in list(self.running):
-                self._finish(seq, error=internal(f"engine step failed: {e}"))
+            self._failed(e, list(self.running))
             return True
         for seq, n in work:
             seq.cached += n
@@ -273,6 +280,22 @@ class Engine:
             else:
                 self._append(seq, tok, lp)
         return True
+
+    def _failed(self, error: Exception, failed: list[Sequence], what: str = "engine step") -> None:
+        """Fails these requests; if the error lost the device (a sticky CUDA error), every request and
+        the engine too: its `serving` turns false, and the server watch stops the server for a restart."""
+        on_gpu = torch.device(self.device).type == "cuda"
+        reason = device_lost(error, (lambda: torch.cuda.synchronize(self.device)) if on_gpu else None)
+        if reason is None:
+            log.exception("%s failed", what)
+            for seq in failed:
+                self._finish(seq, error=internal(f"{what} failed: {error}"))
+            return
+        log.error("the device can no longer serve (%s): every request fails, the engine stops", reason, exc_info=error)
+        with self.lock:
+            self.fault = reason
+        for seq in [*self.running, *self.waiting]:
+            self._finish(seq, error=device_failed(reason))
 
     def _schedule(self) -> list[tuple[Sequence, int]]:
         """(sequence, tokens to feed) for this step. Decode tokens first, each with room for its K/V (the
@@ -327,8 +350,9 @@ class Engine:
                 self._finish(seq, error=e)
                 continue
             except Exception as e:
-                log.exception("admitting request %s failed", seq.req.id)
-                self._finish(seq, error=internal(f"admitting the request failed: {e}"))
+                self._failed(e, [seq], "admitting the request")
+                if self.fault is not None:
+                    return
                 continue
             self.waiting.remove(seq)
             self.kv.grow(seq.blocks, len(seq.tokens))

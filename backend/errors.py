@@ -29,6 +29,10 @@ def engine_stopped() -> RequestError:
     return unavailable("the engine is not running (see the server log)")
 
 
+def device_failed(reason: str) -> RequestError:
+    return unavailable(f"the engine is not running: the GPU failed ({reason}); the server is restarting")
+
+
 def deadline_exceeded() -> RequestError:
     return unavailable("the request's timeout expired")
 

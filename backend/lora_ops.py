@@ -6,6 +6,7 @@ semantics in PEFT's order of operations: on a CPU two batched matmuls per slice 
 stacked weights, however many adapters the batch holds; on a GPU one matmul pair per adapter).
 """
 
+import dataclasses
 import itertools
 import os
 from dataclasses import dataclass
@@ -146,6 +147,17 @@ class Rows:
     layout: Layout | None  # the torch path's
 
 
+def variant_batches(config, max_rows: int, num_slots: int) -> list[tuple[int, int]]:
+    """(rows, segments) of one batch per launch config that `config(rows, segments)` (the shrink launcher's
+    choice) gives for up to max_rows rows. The choice depends on the batch only through its size (the split
+    of K, by how many blocks of rows there are), so rows at powers of two and at the most are enough."""
+    batches: dict[tuple, tuple[int, int]] = {}
+    for rows in sorted({*(2**i for i in range(max_rows.bit_length())), max_rows}):
+        for segments in range(1, min(num_slots, rows) + 1):
+            batches.setdefault(tuple(sorted(config(rows, segments).items())), (rows, segments))
+    return list(batches.values())
+
+
 def pick_backend(setting: str, device: str | torch.device, name: str) -> str:
     """ "triton" or "torch" for a backend setting (auto: triton on a GPU, torch on a CPU). Triton without
     a GPU runs the same kernels in Triton's interpreter, chosen here, before any kernel is imported."""
@@ -164,15 +176,37 @@ class LoRAOps:
         self.batched = torch.device(device).type != "cuda"  # the batched path (torch._grouped_mm) is for a CPU
         if self.backend == "triton":
             from kernels.lora_expand import lora_expand  # here: after the interpreter was chosen
-            from kernels.lora_shrink import lora_shrink
+            from kernels.lora_shrink import lora_shrink, shrink_config
 
-            self.shrink, self.expand = lora_shrink, lora_expand
+            self.shrink, self.expand, self.shrink_config = lora_shrink, lora_expand, shrink_config
 
     def rows(self, seg: Segments | None) -> Rows | None:
         """A step's metadata for the layers, built once per step; None when no row has an adapter."""
         if seg is None:
             return None
         return Rows(seg, Layout.of(seg) if self.backend == "torch" and self.batched else None)
+
+    def warm_up(self, w: SlotWeights, max_rows: int) -> int:
+        """Runs shrink and expand once for each kernel variant they can pick on these weights for up to
+        max_rows rows; returns how many. Meanwhile every slot counts as an adapter of the highest rank, in
+        copies of the rank tables: a slot's rank and weights pick no variant, and nothing of this stays."""
+        if self.backend != "triton":
+            return 0
+        _, num_slots, max_rank, d_in = w.a.shape
+        interpreter = w.a.device.type == "cpu"
+        batches = variant_batches(
+            lambda rows, segments: self.shrink_config(rows, max_rank, d_in, segments, w.a.dtype, interpreter),
+            max_rows,
+            num_slots,
+        )
+        full = dataclasses.replace(
+            w, ranks=[[max_rank] * num_slots for _ in w.widths], rank_t=torch.full_like(w.rank_t, max_rank)
+        )
+        for rows, segments in batches:
+            slots = [i * segments // rows for i in range(rows)]  # `segments` slots, ascending
+            y = w.b.new_zeros(rows, w.b.shape[1])
+            self.add(y, w.a.new_zeros(rows, d_in), full, self.rows(sorted_segments(slots, w.a.device)))
+        return len(batches)
 
     def add(self, y: torch.Tensor, x: torch.Tensor, w: SlotWeights, rows: Rows) -> None:
         """y [T, N] += LoRA(x [T, d_in]) for every slice of w, in place."""

@@ -113,7 +113,10 @@ def lora_shrink(
     cfg = config or shrink_config(
         sorted_tokens.shape[0], max_rank, d_in, num_segments, x.dtype, interpreter=x.device.type == "cpu"
     )
-    t = torch.empty(cfg["SPLIT_K"], num_slices, x.shape[0], max_rank, dtype=torch.float32, device=x.device)
+    # rows padded to a multiple of 16: t's strides, which Triton specializes on, do not vary with the batch
+    rows = triton.cdiv(x.shape[0], 16) * 16
+    t = torch.empty(cfg["SPLIT_K"], num_slices, rows, max_rank, dtype=torch.float32, device=x.device)
+    t = t[:, :, : x.shape[0]]
     if num_segments == 0:
         return t
     grid_m = triton.cdiv(max_seg_len, cfg["BLOCK_M"]) * triton.cdiv(max_rank, cfg["BLOCK_N"])

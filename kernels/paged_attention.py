@@ -25,7 +25,10 @@ from kernels.lora_shrink import dot_options
 NO_WINDOW = 1 << 30  # window 0 (none) as a window no sequence reaches
 
 
-@triton.jit
+# Arguments that vary with the batch are not specialized on (Triton would compile a variant for each of
+# their values that is 1 or a multiple of 16): the variants are those of the configuration, which the
+# engine's warm-up compiles before it serves.
+@triton.jit(do_not_specialize=["stride_bt"])
 def _paged_decode_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr,  # q, out [B, Hq, D]; k, v [num_blocks, block_size, Hkv, D]
     acc_ptr, m_ptr, den_ptr,  # SPLIT only: acc [B, Hq, NUM_SPLITS, D], m, den [B, Hq, NUM_SPLITS] fp32
@@ -104,7 +107,7 @@ def _paged_decode_kernel(
         tl.store(out_ptrs, out.to(out_ptr.dtype.element_ty), mask=g_mask[:, None] & d_mask[None, :])
 
 
-@triton.jit
+@triton.jit(do_not_specialize=["num_splits"])
 def _paged_reduce_kernel(
     out_ptr, acc_ptr, m_ptr, den_ptr,  # out [B, Hq, D]; acc [B, Hq, S, D], m, den [B, Hq, S] fp32
     seq_len_ptr, sink_ptr,  # [B] i32, [Hq] fp32

@@ -326,6 +326,78 @@ def test_health_after_the_engine_stub_dies(fault_assets, tmp_path):
         server.stop()
 
 
+# Appended to a copy of lora_llm's model.py: once the file TRIGGER exists, every forward of the engine raises
+# what torch raises after an illegal memory access on the GPU (the fault, injected for this test only).
+LOSE_THE_GPU = """
+
+import os as _os
+
+import torch as _torch
+
+_initialize = TritonPythonModel.initialize
+
+
+def _initialize_then_lose_the_gpu_on_trigger(self, args):
+    _initialize(self, args)
+    forward = self.engine.runner.forward
+
+    def lost(step):
+        if _os.path.exists(TRIGGER):
+            raise _torch.AcceleratorError("CUDA error: an illegal memory access was encountered")
+        return forward(step)
+
+    self.engine.runner.forward = lost
+
+
+TritonPythonModel.initialize = _initialize_then_lose_the_gpu_on_trigger
+"""
+
+
+@pytest.mark.heavy
+def test_a_lost_gpu_stops_the_server(fault_assets, tmp_path):
+    """The GPU is lost while streams run on every front door: each ends with an UNAVAILABLE error that
+    names the fault (no hang), a request sent after it is refused, the server's health fails and it
+    exits, with the reason in its log: whatever supervises it (docker --restart always, Kubernetes)
+    starts a new one."""
+    trigger = tmp_path / "lose-the-gpu"
+    repo = copy_repository(tmp_path / "repo", max_tokens_limit=str(LONG))
+    model_py = repo / "lora_llm" / "1" / "model.py"
+    model_py.write_text(model_py.read_text() + f"\nTRIGGER = {str(trigger)!r}\n" + LOSE_THE_GPU)
+    env = {ENV_BASE_MODEL: str(fault_assets / "base"), ENV_ADAPTER_DIR: str(fault_assets / "adapters")}
+    server = TritonServer(repository=repo, env=env, log_path=tmp_path / "tritonserver.log").start()
+    values = dict(max_tokens=LONG, end_id=-1)
+    calls = [
+        partial(generate, server.grpc_url, "lora_llm", input_ids=[1, 5, 6], lora_name="qv-r4", stream=True, **values),
+        partial(generate, server.grpc_url, "lora_llm", input_ids=[1, 7], **values),
+        partial(generate, server.grpc_url, "ensemble", text_input="Beautiful is", stream=True, **values),
+        partial(infer, server.http_url, "http", "lora_text", text_input="Beautiful is", **values),
+    ]
+    try:
+        with ThreadPoolExecutor(len(calls)) as pool:
+            running = [pool.submit(call) for call in calls]
+            time.sleep(1.0)
+            assert not any(f.done() for f in running)
+            trigger.touch()
+            errors = []
+            for future in running:
+                with pytest.raises(InferenceServerException) as e:
+                    future.result(timeout=30)
+                errors.append(e.value.message())
+        assert all("the GPU failed (illegal memory access)" in m for m in errors), errors
+        with pytest.raises(InferenceServerException):
+            generate(server.grpc_url, "lora_llm", input_ids=[1, 5], max_tokens=2)
+        deadline = time.monotonic() + 20
+        while server.ready() and time.monotonic() < deadline:
+            time.sleep(0.2)
+        assert not server.ready()
+        assert server.process.wait(60) == 0  # the watch's SIGTERM: Triton's graceful stop, which exits 0
+        log = server.log_path.read_text()
+        assert "the device can no longer serve (illegal memory access)" in log
+        assert "the engine thread stopped: stopping tritonserver so that it can be restarted" in log
+    finally:
+        server.stop()
+
+
 def test_engine_gauges_return_to_zero(fserver):
     threads = [threading.Thread(target=good_call, args=(fserver, *g)) for g in GOOD]
     for t in threads:

@@ -1,10 +1,12 @@
 """Token-level LoRA LLM: Triton tensors <-> backend requests; the engine does the work."""
 
+import dataclasses
+
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
 from backend import triton_io as io
-from backend.config import EngineConfig
+from backend.config import EngineConfig, instance_device
 from backend.engine import Engine, Output
 from backend.errors import RequestError, internal, invalid
 from backend.metrics import TritonMetrics
@@ -15,12 +17,15 @@ from backend.text import StreamChunker, TextCodec, has_tokenizer
 class TritonPythonModel:
     def initialize(self, args):
         cfg = EngineConfig.from_parameters(io.parameters(args))
+        device, placed = instance_device(cfg.device, args)
+        cfg = dataclasses.replace(cfg, device=device)
         self.base_model = cfg.base_model
         self.outbox = io.Outbox()
         self.cancels = io.CancelWatch()
         self.stops = io.StopFiles()
         self.engine = Engine(cfg, TritonMetrics(pb_utils, args["model_name"])).start()
-        io.log_settings(args["model_name"], cfg.as_parameters(), self.engine.runner.kv_summary)
+        found = [placed, self.engine.runner.kv_summary, self.engine.warmup]
+        io.log_settings(args["model_name"], cfg.as_parameters(), *filter(None, found))
         self.codec = TextCodec(cfg.base_model) if has_tokenizer(cfg.base_model) else None  # token ids need none
         self.stops.publish_pid("lora_llm")  # the front doors watch this process
         self.watch = io.ServerWatch(
