@@ -77,7 +77,14 @@ class Sequence:
     def feed(self, n: int) -> SeqWork:
         """Its next n tokens for a step; it samples when they reach its last token."""
         end = self.cached + n
-        return SeqWork(self.blocks, self.tokens[self.cached : end], self.cached, self.slot, end == len(self.tokens))
+        return SeqWork(
+            self.blocks,
+            self.tokens[self.cached : end],
+            self.cached,
+            self.slot,
+            end == len(self.tokens),
+            len(self.tokens),
+        )
 
 
 class Engine:
