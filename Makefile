@@ -7,8 +7,10 @@ RUFF := .venv/bin/ruff
 setup:
 	@bash scripts/setup.sh
 
+# The real model (SmolLM2-135M-Instruct, converted once into .demo/) and four adapters trained on it;
+# ARGS=--random for the tiny random model instead.
 demo: setup
-	$(PY) -m client.demo
+	$(PY) -m client.demo $(ARGS)
 
 # tritonserver on model_repository/ and the OpenAI server (port 9000) in front of it; Ctrl-C stops both.
 # LORA_BASE_MODEL / LORA_ADAPTER_DIR: the model (default: the demo); HTTP_PORT GRPC_PORT METRICS_PORT OPENAI_PORT.
@@ -25,7 +27,8 @@ test-heavy: setup
 test-slow: setup
 	$(PY) -m pytest -m slow
 
-# The serving benchmark (PEFT vs the engine vs tritonserver vs the OpenAI server); ARGS="--quick" for a smoke run.
+# The serving benchmark (PEFT vs the engine vs tritonserver vs the OpenAI server); ARGS="--quick" for a smoke run,
+# ARGS="--shape smollm2" for the real model.
 bench: setup
 	$(PY) benchmarks/bench_serving.py $(ARGS)
 

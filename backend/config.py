@@ -8,7 +8,8 @@ from dataclasses import dataclass
 from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-DEMO_DIR = REPO_ROOT / ".demo"
+DEMO_DIR = REPO_ROOT / ".demo"  # the real demo: demo/build.py
+RANDOM_DEMO_DIR = DEMO_DIR / "random"  # the tiny random one: backend/demo.py
 ENV_PREFIX = "LORA_"
 ENV_BASE_MODEL = "LORA_BASE_MODEL"
 ENV_ADAPTER_DIR = "LORA_ADAPTER_DIR"

@@ -1,7 +1,9 @@
 """Builds the demo (and test) assets locally, with no network: a byte-level BPE tokenizer trained on
 text every Python install has, a small random base model, and PEFT LoRA adapters made by PEFT.
 
-    python -m backend.demo [out_dir]     # default: .demo/ in the repository
+    python -m backend.demo [out_dir]     # default: .demo/random/ in the repository
+
+The real demo (SmolLM2 and trained adapters) is demo/build.py.
 """
 
 import codecs
@@ -18,7 +20,7 @@ from peft import LoraConfig, get_peft_model
 from tokenizers import Tokenizer, decoders, models, pre_tokenizers, processors, trainers
 from transformers import AutoConfig, AutoModelForCausalLM, PreTrainedTokenizerFast
 
-from backend.config import DEMO_DIR
+from backend.config import RANDOM_DEMO_DIR
 
 SPECIAL = ["<unk>", "<s>", "</s>", "<pad>"]
 CORPUS_MODULES = [
@@ -181,7 +183,7 @@ def build_model(out_dir: Path, vocab_size: int = 1024, **config) -> Path:
     return build_base(out_dir, vocab_size=len(tokenizer), **config)
 
 
-def build_demo(out_dir: Path = DEMO_DIR) -> Path:
+def build_random_demo(out_dir: Path = RANDOM_DEMO_DIR) -> Path:
     """Tokenizer + base model in out_dir/base, adapters in out_dir/adapters/<name>. Skips if present."""
     out_dir = Path(out_dir)
     stamp = out_dir / "built.json"
@@ -202,4 +204,4 @@ def build_demo(out_dir: Path = DEMO_DIR) -> Path:
 
 
 if __name__ == "__main__":
-    print(build_demo(Path(sys.argv[1]) if len(sys.argv) > 1 else DEMO_DIR))
+    print(build_random_demo(Path(sys.argv[1]) if len(sys.argv) > 1 else RANDOM_DEMO_DIR))

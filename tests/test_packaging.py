@@ -34,7 +34,7 @@ def pinned(requirements: str, name: str) -> str:
 def pip_run() -> str:
     """The Dockerfile's RUN that installs requirements.txt, continuation lines joined."""
     text = (ROOT / "Dockerfile").read_text().replace("\\\n", " ")
-    (run,) = [line for line in text.splitlines() if line.startswith("RUN ") and "requirements.txt" in line]
+    (run,) = [line for line in text.splitlines() if line.startswith("RUN ") and "/tmp/requirements.txt" in line]
     return run[len("RUN ") :]
 
 

@@ -1,0 +1,1 @@
+"""The demo: SmolLM2-135M-Instruct (from a wheel, no model hub) and four LoRA adapters trained on it."""
