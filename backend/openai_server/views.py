@@ -15,6 +15,7 @@ class View:
     object = ""
     chunk_object = ""
     prefix = ""  # of the response's id
+    prompt_ids_on_choice = True  # vLLM: a completion choice carries its prompt's ids; chat has them on the response
 
     def __init__(self, codec: TextCodec, body: Generation, prompt_ids: list[int], logprobs: bool):
         self.codec, self.model, self.want_logprobs = codec, body.model, logprobs
@@ -33,20 +34,22 @@ class View:
 
     def body(self, whole: Delta) -> dict:
         self.completion_tokens = len(whole.token_ids)
-        return self.envelope(self.object, [self.with_ids(self.choice(whole, True), whole)]) | {"usage": self.usage()}
+        return self.with_ids(self.envelope(self.object, [self.choice(whole, True)]), whole) | {"usage": self.usage()}
 
     def chunk(self, delta: Delta) -> dict:
         self.completion_tokens += len(delta.token_ids)
-        return self.envelope(self.chunk_object, [self.with_ids(self.choice(delta, False), delta)])
+        return self.with_ids(self.envelope(self.chunk_object, [self.choice(delta, False)]), delta)
 
-    def with_ids(self, choice: dict, delta: Delta) -> dict:
-        """vLLM's return_token_ids: the prompt's ids once (unary, or the first chunk), each delta's ids."""
+    def with_ids(self, response: dict, delta: Delta) -> dict:
+        """vLLM's return_token_ids: each delta's ids on its choice, the prompt's once (unary, or the first chunk)."""
         if not self.return_token_ids:
-            return choice
+            return response
+        choice = response["choices"][0]
         choice["token_ids"] = delta.token_ids
         if self.prompt_ids is not None:
-            choice["prompt_token_ids"], self.prompt_ids = self.prompt_ids, None
-        return choice
+            (choice if self.prompt_ids_on_choice else response)["prompt_token_ids"] = self.prompt_ids
+            self.prompt_ids = None
+        return response
 
     def usage_chunk(self) -> dict:
         return self.envelope(self.chunk_object, []) | {"usage": self.usage()}
@@ -88,6 +91,7 @@ class ChatView(View):
     object = "chat.completion"
     chunk_object = "chat.completion.chunk"
     prefix = "chatcmpl"
+    prompt_ids_on_choice = False
 
     def opening(self) -> list[dict]:
         choice = {"index": 0, "delta": {"role": "assistant", "content": ""}, "logprobs": None, "finish_reason": None}
