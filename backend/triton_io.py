@@ -15,6 +15,7 @@ import urllib.request
 from collections.abc import Callable
 
 import numpy as np
+import psutil
 import triton_python_backend_utils as pb_utils
 
 from backend.errors import RequestError, internal, invalid
@@ -160,6 +161,7 @@ class StopFiles:
         self.dir = os.path.join(root or tempfile.gettempdir(), f"lora-stop-{os.getppid()}")
         os.makedirs(self.dir, exist_ok=True)
         self._keys = itertools.count()
+        self.server_started = psutil.Process(os.getppid()).create_time()
 
     def new_key(self) -> str:
         return f"{os.getpid()}-{next(self._keys)}"
@@ -184,6 +186,8 @@ class StopFiles:
     def process_alive(self, name: str) -> bool | None:
         """Whether the process that published `name` runs (a zombie does not); None if none published."""
         try:
+            if os.path.getmtime(self._path(f"{name}.pid")) < self.server_started - 1:
+                return None  # left by an earlier server that had this pid
             with open(self._path(f"{name}.pid")) as f:
                 pid = int(f.read())
         except (FileNotFoundError, ValueError):
