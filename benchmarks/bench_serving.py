@@ -24,7 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from benchmarks.report import slug, write_csv  # noqa: E402
-from benchmarks.workloads import ANCHOR, ONE_B, QUICK, Workload, build_assets, workloads  # noqa: E402
+from benchmarks.workloads import ANCHOR, ONE_B, QUICK, SMOLLM2, Workload, build_assets, workloads  # noqa: E402
 
 SYSTEMS = ["peft", "engine", "server", "openai"]
 LABELS = {
@@ -33,7 +33,7 @@ LABELS = {
     "server": "tritonserver, gRPC streams",
     "openai": "OpenAI server, streamed completions",
 }
-SHAPES = {"anchor": ANCHOR, "quick": QUICK, "1b": ONE_B}
+SHAPES = {"anchor": ANCHOR, "quick": QUICK, "1b": ONE_B, "smollm2": SMOLLM2}
 
 
 class Subject:
@@ -268,7 +268,7 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     shape_name = a.shape or ("quick" if a.quick else "anchor")
     shape, rounds = SHAPES[shape_name], a.rounds or (1 if a.quick else 5)
-    loads = workloads(a.quick)
+    loads = workloads(a.quick, real=bool(shape.base))
     if a.workloads:
         loads = [w for w in loads if w.name in a.workloads or w is loads[0]]
 

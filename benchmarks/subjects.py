@@ -39,6 +39,14 @@ def request_record(index: int, adapter: str) -> dict:
     return {"index": index, "adapter": adapter, "t_submit": time.perf_counter(), "t_tokens": [], "output": []}
 
 
+def left_padded(prompts: list[list[int]], device) -> tuple[torch.Tensor, torch.Tensor]:
+    """-> (ids, attention mask) [B, longest]: prompts of different lengths padded on the left, as HF wants."""
+    width = max(len(p) for p in prompts)
+    ids = torch.tensor([[0] * (width - len(p)) + p for p in prompts], device=device)
+    mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=device)
+    return ids, mask
+
+
 class Peft:
     """PEFT's own model with every adapter loaded; a workload runs as batches of `concurrency` requests."""
 
@@ -72,12 +80,12 @@ class Peft:
         for i in range(0, len(reqs), w.concurrency):
             batch = reqs[i : i + w.concurrency]
             recs = [request_record(i + j, name) for j, (name, _) in enumerate(batch)]
-            ids = torch.tensor([p for _, p in batch], device=self.device)
+            ids, mask = left_padded([p for _, p in batch], self.device)
             stamps: list[float] = []
             with torch.inference_mode():
                 out = self.model.generate(
                     input_ids=ids,
-                    attention_mask=torch.ones_like(ids),
+                    attention_mask=mask,
                     adapter_names=[name or "__base__" for name, _ in batch],
                     max_new_tokens=w.new_tokens,
                     do_sample=False,
@@ -284,7 +292,7 @@ def main() -> None:
     print(json.dumps({"ready": a.system}), file=reply, flush=True)
     for line in sys.stdin:
         w = Workload(**json.loads(line))
-        reqs = w.requests(shape)
+        reqs = w.requests(shape, a.assets)
         start = time.perf_counter()
         records = subject.run(w, reqs)
         seconds = time.perf_counter() - start

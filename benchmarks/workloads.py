@@ -1,7 +1,9 @@
 """The benchmark's model, adapters and workloads, built locally and deterministically.
 
 The anchor shape: a random Llama (vocab 2000, hidden 512, intermediate 1376, 8 layers, 8 heads /
-4 KV heads; 25.3M parameters) and r=16 alpha=32 adapters on q, k, v, o.
+4 KV heads; 25.3M parameters) and r=16 alpha=32 adapters on q, k, v, o. The smollm2 shape: the demo's
+real model (SmolLM2-135M-Instruct: 30 layers, vocab 49152) with random r=16 adapters on q, k, v, o,
+and chat-formatted prompts of 64-256 tokens.
 """
 
 import json
@@ -31,9 +33,11 @@ class Shape:
     alpha: int = 32
     targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
     num_adapters: int = 128
+    base: str = ""  # "": a random Llama of the sizes above; "smollm2": the demo's real model (sizes ignored)
 
 
 ANCHOR = Shape()
+SMOLLM2 = Shape(vocab_size=49152, num_hidden_layers=30, max_position_embeddings=8192, num_adapters=64, base="smollm2")
 QUICK = Shape(vocab_size=600, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_adapters=12)
 # For a GPU: a ~1B-parameter Llama (TinyLlama's layers; the vocabulary is what the local tokenizer reaches).
 ONE_B = Shape(
@@ -54,17 +58,21 @@ class Workload:
     concurrency: int  # requests in flight at once (closed loop); PEFT runs batches of this size
     adapters: str  # "base", "one", "distinct", "zipf" (the 80/20 popularity of client.perf_data)
     distinct: int = 0  # for "distinct": adapters cycled over the requests
-    prompt_len: int = 32
+    prompt_len: int = 32  # tokens; chat prompts: 2x..8x this
     new_tokens: int = 32
 
-    def requests(self, shape: Shape, seed: int = 0) -> list[tuple[str, list[int]]]:
+    def requests(self, shape: Shape, assets: Path, seed: int = 0) -> list[tuple[str, list[int]]]:
         """(adapter name or "", prompt ids) per request; the same for every system and round."""
         rng = random.Random(seed)
         names = adapter_names(shape)
-        prompts = [
-            [1] + [rng.randrange(4, shape.vocab_size) for _ in range(self.prompt_len - 1)]
-            for _ in range(self.num_requests)
-        ]
+        if shape.base:
+            lengths = [rng.randint(2 * self.prompt_len, 8 * self.prompt_len) for _ in range(self.num_requests)]
+            prompts = chat_prompts(assets / "base", lengths, rng)
+        else:
+            prompts = [
+                [1] + [rng.randrange(4, shape.vocab_size) for _ in range(self.prompt_len - 1)]
+                for _ in range(self.num_requests)
+            ]
         pool, popularity = {
             "base": ([""], "round-robin"),
             "one": (names[:1], "round-robin"),
@@ -74,11 +82,33 @@ class Workload:
         return list(zip(choose(pool, popularity, self.num_requests, rng), prompts))
 
 
-def workloads(quick: bool = False) -> list[Workload]:
+def chat_prompts(model_dir: Path, lengths: list[int], rng: random.Random) -> list[list[int]]:
+    """Chat-formatted prompts of exactly these token counts: the model's chat template around a user
+    message cut from standard-library docstrings."""
+    from transformers import AutoTokenizer
+
+    from backend.demo import corpus
+
+    tokenizer = AutoTokenizer.from_pretrained(model_dir)
+    marker = "\x00"
+    before, after = tokenizer.apply_chat_template(
+        [{"role": "user", "content": marker}], add_generation_prompt=True, tokenize=False
+    ).split(marker)
+    head, tail = (tokenizer(t, add_special_tokens=False)["input_ids"] for t in (before, after))
+    words = " ".join(corpus()).split()
+    prompts = []
+    for length in lengths:
+        start = rng.randrange(len(words) - 400)
+        body = tokenizer(" ".join(words[start : start + 400]), add_special_tokens=False)["input_ids"]
+        prompts.append(head + body[: length - len(head) - len(tail)] + tail)
+    return prompts
+
+
+def workloads(quick: bool = False, real: bool = False) -> list[Workload]:
     n, c = (8, 8) if quick else (32, 32)
-    new = 8 if quick else 32
+    new = 8 if quick else 64 if real else 32  # real: 64 tokens after chat prompts of 64-256
     prompt = 8 if quick else 32
-    slow_n = 16 if quick else 128
+    slow_n = 16 if quick else 64 if real else 128
     return [
         Workload("base only", n, c, "base", prompt_len=prompt, new_tokens=new),
         Workload("1 adapter", n, c, "one", prompt_len=prompt, new_tokens=new),
@@ -99,9 +129,16 @@ def build_assets(root: Path, shape: Shape) -> Path:
     recipe = {"shape": asdict(shape), "version": 1}
     if stamp.is_file() and json.loads(stamp.read_text()) == json.loads(json.dumps(recipe)):
         return root
-    sizes = {k: v for k, v in asdict(shape).items() if k not in ("rank", "alpha", "targets", "num_adapters")}
-    vocab = sizes.pop("vocab_size")
-    base = build_model(root / "base", vocab_size=vocab, initializer_range=0.05, **sizes)
+    if shape.base == "smollm2":
+        from demo.smollm2 import convert
+
+        base = convert(root / "base")
+    else:
+        sizes = {
+            k: v for k, v in asdict(shape).items() if k not in ("rank", "alpha", "targets", "num_adapters", "base")
+        }
+        vocab = sizes.pop("vocab_size")
+        base = build_model(root / "base", vocab_size=vocab, initializer_range=0.05, **sizes)
     model = AutoModelForCausalLM.from_pretrained(base, dtype=torch.float32)
     lora = LoraConfig(r=shape.rank, lora_alpha=shape.alpha, target_modules=list(shape.targets), init_lora_weights=False)
     model = get_peft_model(model, lora)
