@@ -189,8 +189,8 @@ def write(rows, loads, info: dict, out: Path) -> Path:
         f"- model: {info['shape']}",
         f"- each system in its own process; {info['rounds']} interleaved rounds after a warm-up round;"
         " tok/s is the median over rounds, latencies are pooled over every request of every round",
-        "- workloads: every request has the same prompt length and exactly the same number of new tokens"
-        " (greedy); `concurrency` requests in flight (a closed loop; PEFT runs batches of that size)",
+        f"- workloads: {info['prompts']} and exactly the same number of new tokens (greedy);"
+        " `concurrency` requests in flight (a closed loop; PEFT runs batches of that size, left-padded)",
         "",
         "| system | workload | tok/s | x base only | x PEFT | TTFT p50 / p90 / p99 ms | ITL p50 / p90 / p99 ms"
         " | = PEFT | errors |",
@@ -208,13 +208,17 @@ def write(rows, loads, info: dict, out: Path) -> Path:
         lines.append(f"| {what} | {got:.2f}x | >= {goal}x | {verdict} |")
     lines += ["", "Workloads:", ""]
     lines += [
-        f"- {w.name}: {w.num_requests} requests, {w.concurrency} in flight, {w.prompt_len} prompt tokens,"
+        f"- {w.name}: {w.num_requests} requests, {w.concurrency} in flight, {prompt_tokens(w, info)} prompt tokens,"
         f" {w.new_tokens} new tokens, adapters: {describe(w)}"
         for w in loads
     ]
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     plot(rows, loads, stem.with_suffix(".png"), info)
     return stem
+
+
+def prompt_tokens(w: Workload, info: dict) -> str:
+    return f"{2 * w.prompt_len}-{8 * w.prompt_len}" if info["chat"] else str(w.prompt_len)
 
 
 def describe(w: Workload) -> str:
@@ -307,6 +311,10 @@ def main(argv=None) -> int:
         rounds=rounds,
         shape_name=shape_name,
         shape=", ".join(f"{k}={v}" for k, v in asdict(shape).items()),
+        chat=bool(shape.base),
+        prompts="chat-formatted prompts of 64-256 tokens (the model's chat template around docstring text)"
+        if shape.base
+        else "every request has the same prompt length (random ids)",
     )
     rows = summarize(runs, a.systems, loads)
     stem = write(rows, loads, info, a.out)
