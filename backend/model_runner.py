@@ -43,8 +43,8 @@ class StepBatch:
     attention: AttentionMeta
     last: torch.Tensor  # [B] index of the last token of each sampled sequence: where logits are taken
     lora: LoRAStep  # which tokens use which adapter slot
-    spans: tuple[tuple[int, int], ...]  # (first token, tokens) of each sequence, in `work` order
-    rope: tuple[tuple[int, int, int], ...] = ()  # (first token, tokens, length) of each sequence
+    # (first token, tokens, whole length) of each sequence, in `work` order; batch-dependent RoPE reads it
+    spans: tuple[tuple[int, int, int], ...]
 
 
 def make_step(
@@ -76,7 +76,6 @@ def make_step(
         build_meta(seqs, block_size, device, paged_kernel),
         torch.tensor(last, **as_long),
         lora,
-        tuple((starts[i], len(w.tokens)) for i, w in enumerate(work)),
         tuple((starts[i], len(w.tokens), max(w.length, w.cached + len(w.tokens))) for i, w in enumerate(work)),
     )
 
@@ -151,7 +150,7 @@ class ModelRunner:
             dense.own_memory(self.model)
         self.lora_on_output = isinstance(self.model.get_output_embeddings(), LoRALinear)
         self.step: StepBatch | None = None
-        self.rope = per_sequence_rope(self.model, self.arch, lambda: self.step and self.step.rope)
+        self.rope = per_sequence_rope(self.model, self.arch, lambda: self.step and self.step.spans)
         self.paged_kernel = lora_ops.pick_backend(attention_backend, self.device, "attention_backend") == "triton"
         self.block_size = kv_block_size
         self.layers = self._hook_attention()

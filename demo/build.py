@@ -33,11 +33,11 @@ def build_demo(out_dir: Path = DEMO_DIR) -> Path:
         shutil.rmtree(out_dir / "base", ignore_errors=True)
         convert(out_dir / "base")
         stamp.write_text(json.dumps(recipe))
-    copied = out_dir / "adapters" / ".digest"
-    if not (copied.is_file() and copied.read_text() == adapters_digest()):
+    copied, digest = out_dir / "adapters" / ".digest", adapters_digest()
+    if not (copied.is_file() and copied.read_text() == digest):
         shutil.rmtree(out_dir / "adapters", ignore_errors=True)
         shutil.copytree(ADAPTERS_DIR, out_dir / "adapters")
-        copied.write_text(adapters_digest())
+        copied.write_text(digest)
     return out_dir
 
 

@@ -327,7 +327,7 @@ def test_requests_join_and_leave_between_steps(assets, peft_model, vocab):
     forward = engine.runner.forward
 
     def spy(batch):
-        seen.append([n for _, n in batch.spans])
+        seen.append([n for _, n, _ in batch.spans])
         return forward(batch)
 
     engine.runner.forward = spy
@@ -381,7 +381,7 @@ def test_more_adapters_than_slots(assets, peft_model, vocab, engines):
     def check(batch):
         tokens = batch.lora.tokens
         token_slots = tokens.seg.token_slots.tolist() if tokens else [-1] * len(batch.input_ids)
-        for seq, (start, n) in zip(engine.running, batch.spans):
+        for seq, (start, n, _) in zip(engine.running, batch.spans):
             name = seq.req.lora_name
             if set(token_slots[start : start + n]) != {seq.slot}:
                 violations.append(f"tokens of a {name or 'base'} request not mapped to its slot {seq.slot}")
