@@ -235,6 +235,10 @@ class AdapterManager:
     def slots_in_use(self) -> int:
         return sum(s.refs > 0 for s in self.slots)
 
+    def resident(self) -> set[str]:
+        """The adapters in device slots, in use or idle."""
+        return {s.adapter.name for s in self.slots if s.adapter is not None}
+
     def load_now(self, name: str) -> Adapter:
         """Reads an adapter on this thread into the host tier (pinned adapters at start; tests)."""
         start = time.perf_counter()

@@ -151,6 +151,8 @@ class Engine:
             self.runner.vocab_size, self.runner.max_len, cfg.default_max_tokens, cfg.max_tokens_limit, tuple(eos)
         )
         self.device = device
+        self.metrics.cache_config(self.kv.block_size, self.kv.num_blocks)
+        self.report()
 
     def _main(self, loaded: queue.Queue) -> None:
         try:
@@ -229,14 +231,18 @@ class Engine:
                 self.wake.clear()
                 if not self.step():  # everyone waits (an adapter read, a slot): until something arrives
                     self.wake.wait(0.01)
-                self.metrics.occupancy(
-                    len(self.running),
-                    self.adapters.slots_in_use,
-                    len(self.waiting),
-                    self.kv.num_blocks - len(self.kv.free),
-                )
+                self.report()
             except Exception as e:  # a bug must not leave requests waiting forever
                 self._failed(e, [*self.running, *self.waiting])
+
+    def report(self) -> None:
+        """The occupancy and residency gauges (the loop calls it after each step)."""
+        kv_blocks = self.kv.num_blocks - len(self.kv.free)
+        self.metrics.occupancy(
+            len(self.running), self.adapters.slots_in_use, len(self.waiting), kv_blocks, self.kv.num_blocks
+        )
+        wanted = {s.want.name for s in self.waiting if s.want is not None and s.slot < 0}
+        self.metrics.lora_residency(self.cfg.max_loras, self.adapters.resident(), wanted)
 
     def _idle_until_work(self) -> bool:
         """Waits while there is nothing to do; True once the engine should stop."""

@@ -3,9 +3,13 @@ them through Triton's metrics endpoint (pb_utils custom metrics) on `flush`: eac
 round trip to the server process, too slow to make for every token.
 
 A series is a family name and its labels. The series without an adapter label exist from the start
-(at 0); an adapter's series all appear, at 0, with its first request, so a dashboard never misses one."""
+(at 0); an adapter's series all appear, at 0, with its first request, so a dashboard never misses one.
+
+The `vllm:` families carry vLLM's names and labels, for routers that read them (llm-d's endpoint
+picker); README "Routing signals" says where they differ from vLLM's."""
 
 import threading
+import time
 from collections import defaultdict
 
 BASE = "__base__"  # label of requests without an adapter (not a valid adapter name)
@@ -39,7 +43,16 @@ GAUGES = {
     "lora_tier_budget_bytes": "A tier's budget: host_lora_memory, or the device slots' buffers",
     "lora_tier_adapters": "Adapters resident in a tier",
     "lora_adapter_resident_bytes": "Bytes of an adapter resident in a tier (0 when it is not there)",
+    "vllm:num_requests_running": "Sequences in the running batch (as lora_engine_running_sequences)",
+    "vllm:num_requests_waiting": "Requests queued in the engine (as lora_engine_waiting_requests)",
+    "vllm:kv_cache_usage_perc": "Fraction of KV-cache blocks in use, 0 to 1",
+    "vllm:cache_config_info": "The KV cache: block_size (tokens), num_gpu_blocks (blocks on its device); value 1",
 }
+LORA_INFO = "vllm:lora_requests_info"  # published apart: one live label set
+LORA_INFO_HELP = (
+    "Adapters by residency: running_lora_adapters are in device slots (busy or idle), waiting_lora_adapters "
+    "have queued requests and are not in a slot; value: Unix time of the last change"
+)
 HISTOGRAMS = {
     "lora_adapter_load_seconds": "Seconds to read, check and hash an adapter from disk",
 }
@@ -59,10 +72,11 @@ PER_ADAPTER = [
     ("lora_adapter_load_seconds", ()),
 ]
 TIER_GAUGES = ("lora_tier_bytes", "lora_tier_budget_bytes", "lora_tier_adapters")
+LABELLED = (*TIER_GAUGES, "lora_adapter_resident_bytes", "vllm:cache_config_info")
 # the series that exist from the start; the load-time histogram also has one over all adapters
 GLOBAL = [
     *[(name, ()) for name in COUNTERS if name.startswith("lora_engine_")],
-    *[(name, ()) for name in GAUGES if name not in TIER_GAUGES and name != "lora_adapter_resident_bytes"],
+    *[(name, ()) for name in GAUGES if name not in LABELLED],
     *[(name, (("tier", t),)) for name in TIER_GAUGES for t in TIERS],
     ("lora_adapter_load_seconds", ()),
 ]
@@ -77,6 +91,8 @@ class Metrics:
         self.values: dict[tuple[str, Labels], float] = defaultdict(float)
         self.histograms: dict[tuple[str, Labels], list[float]] = {}  # observations not yet published
         self.adapters: set[str] = set()
+        self.lora_info: Labels | None = None  # the one live label set of vllm:lora_requests_info
+        self.lora_info_time = 0.0
         for name, extra in GLOBAL:
             self._create(name, extra)
 
@@ -140,11 +156,27 @@ class Metrics:
             self.inc("lora_engine_mixed_steps_total")
         self.set_max("lora_engine_max_adapters_per_step", len(adapters))
 
-    def occupancy(self, running: int, slots: int, waiting: int, kv_blocks: int) -> None:
+    def occupancy(self, running: int, slots: int, waiting: int, kv_blocks: int, kv_total: int) -> None:
         self.gauge("lora_engine_running_sequences", running)
         self.gauge("lora_kv_cache_blocks_in_use", kv_blocks)
         self.gauge("lora_adapter_slots_in_use", slots)
         self.gauge("lora_engine_waiting_requests", waiting)
+        self.gauge("vllm:num_requests_running", running)
+        self.gauge("vllm:num_requests_waiting", waiting)
+        self.gauge("vllm:kv_cache_usage_perc", kv_blocks / kv_total)
+
+    def cache_config(self, block_size: int, num_blocks: int) -> None:
+        self.gauge("vllm:cache_config_info", 1, block_size=str(block_size), num_gpu_blocks=str(num_blocks))
+
+    def lora_residency(self, max_lora: int, resident: set[str], wanted: set[str]) -> None:
+        """resident: the adapters in device slots; wanted: those that queued requests name."""
+        info = labels(
+            max_lora=str(max_lora),
+            running_lora_adapters=",".join(sorted(resident)),
+            waiting_lora_adapters=",".join(sorted(wanted - resident)),
+        )
+        if info != self.lora_info:
+            self.lora_info, self.lora_info_time = info, time.time()
 
 
 class TritonMetrics(Metrics):
@@ -166,6 +198,9 @@ class TritonMetrics(Metrics):
         self.model = model
         self.series = {}
         self.published: dict[tuple[str, Labels], float] = {}
+        self.pb_utils = pb_utils
+        self.info_published: tuple[Labels | None, float] = (None, 0.0)
+        self.info_family = self.info_series = None
         super().__init__()
 
     def inc(self, name: str, value: float = 1.0, adapter: str = "", **more: str) -> None:
@@ -184,6 +219,10 @@ class TritonMetrics(Metrics):
         with self.lock:
             super().observe(name, value, adapter)
 
+    def lora_residency(self, max_lora: int, resident: set[str], wanted: set[str]) -> None:
+        with self.lock:
+            super().lora_residency(max_lora, resident, wanted)
+
     def flush(self) -> None:
         with self.publishing:
             with self.lock:
@@ -195,6 +234,7 @@ class TritonMetrics(Metrics):
                 self.published.update((key, value) for key, value, _ in changed)
                 observed = [(key, list(pending)) for key, pending in self.histograms.items()]
                 new_histograms = [key for key, _ in observed if key not in self.series]
+                info = (self.lora_info, self.lora_info_time)
                 for pending in self.histograms.values():
                     pending.clear()
             for (name, key_labels), value, before in changed:
@@ -208,6 +248,19 @@ class TritonMetrics(Metrics):
             for key, pending in observed:
                 for value in pending:
                     self.series[key].observe(value)
+            if info[0] is not None and info != self.info_published:
+                self._publish_lora_info(*info)
+
+    def _publish_lora_info(self, info: Labels, stamp: float) -> None:
+        """One live series: a family keeps every label set it made, so a new label set gets a new family.
+        The old one leaves /metrics once nothing refers to it (it has no reference cycles)."""
+        if info != self.info_published[0]:
+            self.info_series = self.info_family = None
+            gauge = self.pb_utils.MetricFamily.GAUGE
+            self.info_family = self.pb_utils.MetricFamily(name=LORA_INFO, description=LORA_INFO_HELP, kind=gauge)
+            self.info_series = self.info_family.Metric(labels={"model": self.model, **dict(info)})
+        self.info_series.set(stamp)
+        self.info_published = (info, stamp)
 
     def _metric(self, name: str, key_labels: Labels):
         key = (name, key_labels)

@@ -3,6 +3,7 @@ folders, admission when adapters outnumber slots. One server: max_loras 3, one o
 
 import json
 import os
+import re
 import shutil
 import threading
 import time
@@ -99,6 +100,51 @@ def test_tier_series_exist_from_the_start(lserver):
         'lora_adapter_evictions_total{adapter="pinned",model="lora_llm",tier="device"} 0',
     ]:
         assert series in text, series
+
+
+def routing_series(server) -> list[str]:
+    return [line for line in server.metrics().splitlines() if line.startswith("vllm:")]
+
+
+def lora_info(server, running: str, deadline_s: float = 10.0) -> tuple[dict[str, str], float]:
+    """The labels and value of the one vllm:lora_requests_info series, once it lists `running` (it is
+    published after the step, so it may trail the response by a moment)."""
+    deadline = time.monotonic() + deadline_s
+    while True:
+        found = [line for line in routing_series(server) if line.startswith("vllm:lora_requests_info{")]
+        assert len(found) == 1, found
+        labels = dict(re.findall(r'(\w+)="([^"]*)"', found[0]))
+        if labels["running_lora_adapters"] == running or time.monotonic() > deadline:
+            return labels, float(found[0].rsplit(" ", 1)[1])
+        time.sleep(0.05)
+
+
+def test_the_routing_gauges_report_resident_adapters(lserver):
+    """vLLM's names for routers (llm-d's lora-affinity scorer): an idle adapter in a slot is listed as
+    running; one evicted from its slot leaves the list, and its old label set leaves /metrics."""
+    text = "\n".join(routing_series(lserver))
+    for series in [
+        'vllm:num_requests_running{model="lora_llm"} 0',
+        'vllm:num_requests_waiting{model="lora_llm"} 0',
+        'vllm:kv_cache_usage_perc{model="lora_llm"} 0',
+        'vllm:cache_config_info{block_size="16",model="lora_llm",num_gpu_blocks="',
+    ]:
+        assert series in text, series
+    began = time.time()
+    for name in ("a1", "a2"):  # with the pinned one, all three slots: a1 the least recently used
+        run(lserver, name, ids(1), max_tokens=1)
+    labels, stamp = lora_info(lserver, "a1,a2,pinned")
+    assert labels == {
+        "max_lora": "3",
+        "model": "lora_llm",
+        "running_lora_adapters": "a1,a2,pinned",
+        "waiting_lora_adapters": "",
+    }
+    assert began - 1 < stamp < time.time() + 1  # the Unix time of the change (one clock: this machine's)
+    run(lserver, "a3", ids(2), max_tokens=1)
+    labels, _ = lora_info(lserver, "a2,a3,pinned")
+    assert labels["running_lora_adapters"] == "a2,a3,pinned"
+    assert "a1,a2,pinned" not in lserver.metrics()
 
 
 def test_a_pinned_adapter_is_resident_from_the_start_and_never_evicted(lserver, peft_model):

@@ -148,3 +148,33 @@ def test_decoding_goes_on_while_an_adapter_is_read(tmp_path, monkeypatch, engine
     model = PeftModel.from_pretrained(base, tmp_path / "adapters" / "big", adapter_name="big").eval()
     assert cold.token_ids == peft_generate(model, p_new, "big", 4)
     assert engine.metrics.get("lora_adapter_load_seconds_count", adapter="big") == 1
+
+
+def residency(engine) -> dict[str, str]:
+    engine.report()
+    return dict(engine.metrics.lora_info)
+
+
+def test_residency_lists_the_adapters_in_slots_and_those_waiting_for_one(assets, vocab, engines):
+    """vllm:lora_requests_info: running = in a device slot, idle or busy; waiting = named by a queued
+    request and not in a slot. An adapter evicted from its slot leaves the list."""
+    a, b, c = "qv-r4", "mlp-r64", "all-r16-pattern"
+    engine = make_engine(assets / "base", assets / "adapters", max_loras=2)
+    engines.append(engine)
+    assert residency(engine) == {"max_lora": "2", "running_lora_adapters": "", "waiting_lora_adapters": ""}
+    p = prompts(vocab, [5], seed=4)[0]
+    first = Collector()
+    engine.submit(request(p, a, 2), first)
+    assert not engine.step()  # a is read on the loader's thread: nothing runs yet
+    assert residency(engine)["waiting_lora_adapters"] == a
+    drive(engine, [first])
+    assert residency(engine) == {"max_lora": "2", "running_lora_adapters": a, "waiting_lora_adapters": ""}
+    for name in (b, c):  # c takes a's slot, the least recently used
+        done = Collector()
+        engine.submit(request(p, name, 2), done)
+        drive(engine, [done])
+    info = residency(engine)
+    assert info["running_lora_adapters"] == ",".join(sorted([b, c])) and info["waiting_lora_adapters"] == ""
+    assert engine.metrics.get("lora_adapter_evictions_total", adapter=a, tier="device") == 1
+    stamp = engine.metrics.lora_info_time
+    assert residency(engine) == info and engine.metrics.lora_info_time == stamp  # no change, no new time
