@@ -15,6 +15,14 @@ ONLY = {
     "suffix": ((None, ""), "suffix is not supported"),
     "logprobs": ((None, 0, False, True), "only logprobs=0 is supported: the chosen token's log-probability"),
     "top_logprobs": ((None, 0), "top_logprobs above 0 is not supported: logprobs gives the chosen token's"),
+    # SGLang's defaults, which sglang-router and vllm-router add to every body they forward
+    "no_stop_trim": ((None, False), "stop strings are always trimmed"),
+    "skip_special_tokens": ((None, True), "special tokens are always skipped"),
+    "return_hidden_states": ((None, False), "return_hidden_states is not supported"),
+    "continue_final_message": ((None, False), "continue_final_message is not supported"),
+    "separate_reasoning": ((None, True), "no reasoning parser: reasoning is not separated"),
+    "stream_reasoning": ((None, True), "no reasoning parser: reasoning is not separated"),
+    "include_reasoning": ((None, True), "no reasoning parser: reasoning is not separated"),
 }
 
 
@@ -47,6 +55,9 @@ class Generation(Strict):
     stream_options: StreamOptions | None = None
     user: str | None = None  # accepted; nothing is done with it
     logit_bias: dict[str, float] | None = None
+    no_stop_trim: bool | None = None  # SGLang's, as routers forward them (ONLY)
+    skip_special_tokens: bool | None = None
+    return_hidden_states: bool | None = None
 
     @field_validator(*ONLY, check_fields=False)
     @classmethod
@@ -139,3 +150,7 @@ class ChatRequest(Generation):
     response_format: ResponseFormat | None = None
     tool_choice: Literal["none"] | None = None
     parallel_tool_calls: bool | None = None
+    continue_final_message: bool | None = None  # SGLang's, as routers forward them (ONLY)
+    separate_reasoning: bool | None = None
+    stream_reasoning: bool | None = None
+    include_reasoning: bool | None = None
