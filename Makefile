@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 RUFF := .venv/bin/ruff
 
-.PHONY: setup demo serve test test-heavy test-slow bench soak lint format
+.PHONY: setup demo serve cluster test test-heavy test-slow bench soak lint format
 
 setup:
 	@bash scripts/setup.sh
@@ -16,6 +16,12 @@ demo: setup
 # LORA_BASE_MODEL / LORA_ADAPTER_DIR: the model (default: the demo); HTTP_PORT GRPC_PORT METRICS_PORT OPENAI_PORT.
 serve: setup
 	$(PY) -m backend.serve
+
+# REPLICAS copies of `make serve` on free ports behind vllm-router (port 9000), which sends each adapter to one
+# replica (header x-session-id: <adapter>) and a dead replica's adapters to the others; Ctrl-C stops all.
+REPLICAS ?= 2
+cluster: setup
+	$(PY) -m backend.cluster --replicas $(REPLICAS) $(ARGS)
 
 test: setup lint
 	$(PY) -m pytest -m "not slow and not heavy"

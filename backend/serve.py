@@ -35,12 +35,18 @@ def wait_until(url: str, process: subprocess.Popen, timeout: float) -> bool:
     return False
 
 
-def main() -> int:
-    p = ports()
-    env = dict(os.environ)
+def model_env(env=os.environ) -> dict[str, str]:
+    """env with the model set: the demo (built on first use) unless LORA_BASE_MODEL names one."""
+    env = dict(env)
     if not env.get(ENV_BASE_MODEL):
         subprocess.run([sys.executable, "-m", "demo.build"], cwd=REPO_ROOT, check=True, stdout=subprocess.DEVNULL)
         env[ENV_BASE_MODEL], env[ENV_ADAPTER_DIR] = str(DEMO_DIR / "base"), str(DEMO_DIR / "adapters")
+    return env
+
+
+def main() -> int:
+    p = ports()
+    env = model_env()
     model_dir = Path(env[ENV_BASE_MODEL]).resolve()
     adapter_dir = Path(env.get(ENV_ADAPTER_DIR) or DEMO_DIR / "adapters").resolve()
 

@@ -166,4 +166,19 @@ def generate_in_order(url: str, model: str, requests: list[dict], timeout: float
     return list(joined.values())
 
 
-__all__ = ["Chunk", "InferenceServerException", "generate", "generate_in_order", "infer", "make_inputs", "stream"]
+def routing_headers(model: str) -> dict[str, str]:
+    """The header vllm-router hashes on (backend/cluster.py), keyed by the adapter: all of one adapter's requests
+    reach one replica. For the openai SDK: create(model=m, ..., extra_headers=routing_headers(m))."""
+    return {"x-session-id": model}
+
+
+__all__ = [
+    "Chunk",
+    "InferenceServerException",
+    "generate",
+    "generate_in_order",
+    "infer",
+    "make_inputs",
+    "routing_headers",
+    "stream",
+]

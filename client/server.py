@@ -1,5 +1,6 @@
 """Start and stop a local tritonserver on the model repository (used by the demo and the tests)."""
 
+import json
 import os
 import re
 import shutil
@@ -211,3 +212,69 @@ class OpenAIServer:
 
     def __exit__(self, *exc) -> None:
         self.stop()
+
+
+# vllm-router's settings in front of our replicas: the breaker opens on a worker's second failed attempt and the
+# retry after it goes to another worker, so a killed replica costs no request that has not started streaming;
+# health checks every second bring a restarted one back. Measured in tests/test_cluster.py.
+ROUTER_SETTINGS = [
+    "--policy=consistent_hash",  # on client.api.routing_headers: one adapter, one replica
+    "--health-check-endpoint=/health",
+    "--health-check-interval-secs=1",
+    "--health-failure-threshold=2",
+    "--health-success-threshold=1",
+    "--retry-max-retries=4",  # attempts, the first one included
+    "--retry-initial-backoff-ms=50",
+    "--retry-max-backoff-ms=500",
+    "--cb-failure-threshold=2",
+    "--cb-timeout-duration-secs=2",
+    "--log-level=warning",
+]
+
+
+@dataclass
+class Router:
+    """vllm-router (ROUTER_SETTINGS) in front of OpenAI servers."""
+
+    worker_urls: list[str]
+    host: str = "127.0.0.1"
+    port: int = field(default_factory=free_port)
+    metrics_port: int = field(default_factory=free_port)
+    log_path: Path | None = None
+    process: subprocess.Popen | None = None
+
+    @property
+    def url(self) -> str:
+        return f"http://localhost:{self.port}"
+
+    def start(self, timeout: float = 60.0) -> "Router":
+        cmd = [str(Path(sys.executable).with_name("vllm-router")), *ROUTER_SETTINGS, "--worker-urls", *self.worker_urls]
+        cmd += ["--host", self.host, "--port", str(self.port), "--prometheus-port", str(self.metrics_port)]
+        self.log_path = Path(self.log_path or Path(os.environ.get("TMPDIR", "/tmp")) / f"router-{self.port}.log")
+        with open(self.log_path, "w") as log:
+            self.process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline:
+            if self.process.poll() is not None:
+                raise RuntimeError(f"vllm-router exited ({self.process.returncode}):\n{self.log_tail()}")
+            if self.healthy_workers() == len(self.worker_urls):
+                return self
+            time.sleep(0.2)
+        self.stop()
+        raise TimeoutError(f"vllm-router not ready in {timeout:.0f} s:\n{self.log_tail()}")
+
+    def healthy_workers(self) -> int | None:
+        """How many workers the router's health checks pass (GET /readiness), or None while it does not answer."""
+        try:
+            with urllib.request.urlopen(f"{self.url}/readiness", timeout=2) as r:
+                return json.load(r)["healthy_workers"]
+        except urllib.error.HTTPError as e:
+            return json.load(e).get("healthy_workers", 0)
+        except (OSError, ValueError, KeyError):
+            return None
+
+    def stop(self, timeout: float = 15.0) -> int:
+        return terminate(self.process, timeout)
+
+    def log_tail(self, lines: int = 40) -> str:
+        return "\n".join(self.log_path.read_text(errors="replace").splitlines()[-lines:]) if self.log_path else ""
