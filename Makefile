@@ -19,6 +19,7 @@ serve: setup
 
 # REPLICAS copies of `make serve` on free ports behind vllm-router (port 9000), which sends each adapter to one
 # replica (header x-session-id: <adapter>) and a dead replica's adapters to the others; Ctrl-C stops all.
+# Each replica's engine gets its share of the cores (LORA_NUM_THREADS, unless set).
 REPLICAS ?= 2
 cluster: setup
 	$(PY) -m backend.cluster --replicas $(REPLICAS) $(ARGS)

@@ -5,7 +5,9 @@ and a dead replica's adapters to the others. Ctrl-C or SIGTERM stops the router,
 
     python -m backend.cluster --replicas 2 [--port 9000] [--host 0.0.0.0]
 
-LORA_BASE_MODEL, LORA_ADAPTER_DIR and every other LORA_<NAME> as for backend.serve (default: the demo)."""
+LORA_BASE_MODEL, LORA_ADAPTER_DIR and every other LORA_<NAME> as for backend.serve (default: the demo). The replicas
+share this machine's cores: LORA_NUM_THREADS defaults to each one's share (torch threads of several engines on the
+same cores made 2 replicas on 2 cores 25 to 40 times slower: benchmarks/bench_cluster.py --threads 2)."""
 
 import argparse
 import os
@@ -16,9 +18,11 @@ import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from backend.config import REPO_ROOT
+from backend.config import ENV_PREFIX, REPO_ROOT
 from backend.serve import PORTS, model_env, wait_until
 from client.server import Router, free_port, terminate
+
+THREADS = ENV_PREFIX + "NUM_THREADS"
 
 
 @dataclass
@@ -74,9 +78,14 @@ class Cluster:
         return clean and codes == [0] * len(codes)
 
 
+def share_of_cores(replicas: int) -> int:
+    return max(1, len(os.sched_getaffinity(0)) // replicas)
+
+
 def start_cluster(replicas: int, port: int | None = None, host: str = "127.0.0.1", env=os.environ) -> Cluster:
     """Replicas started at once, the router once each answers /health; everything stopped if one does not."""
     env = model_env(env)
+    env[THREADS] = env.get(THREADS) or str(share_of_cores(replicas))
     started = [Replica(env).start() for _ in range(replicas)]
     router = Router([r.url for r in started], host=host, **({"port": port} if port else {}))
     cluster = Cluster(started, router)
@@ -118,9 +127,10 @@ def main(argv=None) -> int:
     stop = threading.Event()
     for sig in (signal.SIGTERM, signal.SIGINT):
         signal.signal(sig, lambda *_: stop.set())
+    threads = cluster.replicas[0].env[THREADS]
     print(f"cluster: router http://localhost:{args.port}/v1 (log {cluster.router.log_path})", flush=True)
     for i, replica in enumerate(cluster.replicas):
-        print(f"  replica {i}: {replica.describe()}", flush=True)
+        print(f"  replica {i}: {replica.describe()}, {threads} torch thread(s)", flush=True)
     print("route by adapter: header x-session-id: <adapter> (client.api.routing_headers); Ctrl-C stops all", flush=True)
     watch(cluster, stop)
     return 0 if cluster.stop() and stop.is_set() else 1
