@@ -18,6 +18,7 @@ from pathlib import Path
 import openai
 import pytest
 
+from backend.cluster import THREADS, share_of_cores
 from backend.config import ENV_ADAPTER_DIR, ENV_BASE_MODEL
 from client.api import routing_headers
 from client.server import REPO_ROOT, OpenAIServer, Router, TritonServer, free_port, http_status
@@ -61,6 +62,7 @@ class Replica:
 class Outcome:
     name: str
     after_kill: bool  # sent once the killed replica's processes were reaped
+    stream: bool
     error: str = ""
     finished: bool = False  # the answer ended with a finish_reason
 
@@ -77,7 +79,7 @@ def folders(assets, tmp_path_factory) -> tuple[Path, Path]:
 @pytest.fixture(scope="module")
 def replicas(folders):
     base, adapters = folders
-    env = {ENV_BASE_MODEL: str(base), ENV_ADAPTER_DIR: str(adapters)}
+    env = {ENV_BASE_MODEL: str(base), ENV_ADAPTER_DIR: str(adapters), THREADS: str(share_of_cores(2))}
     started = []
     try:
         for _ in range(2):
@@ -103,13 +105,21 @@ def sdk(url: str) -> openai.OpenAI:
     return openai.OpenAI(base_url=f"{url}/v1", api_key="unused", max_retries=0, timeout=30)
 
 
-def ask(client: openai.OpenAI, name: str, max_tokens: int = 4, stream: bool = False) -> bool:
-    """One greedy completion through the router; True if it ended with a finish_reason."""
+def ask(client: openai.OpenAI, name: str, max_tokens: int = 4, stream: bool = False, live: dict | None = None) -> bool:
+    """One greedy completion through the router; True if it ended with a finish_reason. live: name -> the chunks
+    its stream has received, while it is open."""
     kw = dict(model=name, prompt=PROMPT, max_tokens=max_tokens, temperature=0, extra_headers=routing_headers(name))
-    if stream:
-        chunks = client.completions.create(stream=True, extra_body={"ignore_eos": True}, **kw)
-        return any(c.choices[0].finish_reason for c in chunks if c.choices)
-    return client.completions.create(extra_body={"ignore_eos": True}, **kw).choices[0].finish_reason is not None
+    kw["extra_body"] = {"ignore_eos": True}
+    if not stream:
+        return client.completions.create(**kw).choices[0].finish_reason is not None
+    live, finished = {} if live is None else live, False
+    try:
+        for i, chunk in enumerate(client.completions.create(stream=True, **kw)):
+            live[name] = i + 1
+            finished = finished or bool(chunk.choices and chunk.choices[0].finish_reason)
+    finally:
+        live.pop(name, None)
+    return finished
 
 
 def ask_all(client: openai.OpenAI, names: list[str]) -> list[BaseException]:
@@ -158,25 +168,28 @@ def test_outputs_through_the_router_equal_one_servers(replicas, router):
         assert [t for c in streamed if c.choices for t in c.choices[0].token_ids] == single.token_ids, name
 
 
-def load(client: openai.OpenAI, names: list[str], stream: bool, killed: threading.Event, outcomes: list, after: int):
-    """Requests for names in turn until `after` of them were sent after the kill."""
+def attempt(client: openai.OpenAI, outcome: Outcome, max_tokens: int, live: dict | None = None) -> Outcome:
+    try:
+        outcome.finished = ask(client, outcome.name, max_tokens, outcome.stream, live)
+    except Exception as e:  # every failure counted with its error
+        outcome.error = f"{type(e).__name__}: {e} ({e.__cause__!r})"
+    return outcome
+
+
+def load(client: openai.OpenAI, names: list[str], killed: threading.Event, outcomes: list, after: int):
+    """Requests for names in turn, every other one streamed, until `after` of them were sent after the kill."""
     sent_after, i = 0, 0
     while sent_after < after:
         name, i = names[i % len(names)], i + 1
-        outcome = Outcome(name, killed.is_set())  # read before sending
-        try:
-            outcome.finished = ask(client, name, max_tokens=16, stream=stream)
-        except Exception as e:  # every failure counted with its error
-            outcome.error = f"{type(e).__name__}: {e} ({e.__cause__!r})"
-        outcomes.append(outcome)
-        sent_after += outcome.after_kill
+        outcomes.append(attempt(client, Outcome(name, killed.is_set(), stream=i % 2 == 0), 32))  # after_kill first
+        sent_after += outcomes[-1].after_kill
 
 
-def wait_for(condition, timeout: float, what: str) -> None:
+def wait_for(condition, timeout: float, what: str, every: float = 0.05) -> None:
     deadline = time.monotonic() + timeout
     while not condition():
         assert time.monotonic() < deadline, f"not within {timeout:.0f} s: {what}"
-        time.sleep(0.05)
+        time.sleep(every)
 
 
 def test_a_killed_replica_costs_no_request_sent_after_it_and_rejoins(replicas, router, folders):
@@ -185,20 +198,18 @@ def test_a_killed_replica_costs_no_request_sent_after_it_and_rejoins(replicas, r
     victim, survivor = replicas[1], replicas[0]
     victims = [n for n in NAMES if owner[n] == 1]
 
-    # four clients, two of them streaming, over every adapter; the kill once the victim is busy with their requests
-    killed, outcomes = threading.Event(), []
+    # four clients over every adapter, unary and streamed in turn; once the victim serves them, a long stream for one
+    # of its adapters, and the kill when that stream's first chunk has come: more than 200 tokens are still to come
+    killed, outcomes, live = threading.Event(), [], {}
     before = {"victim": victim.served(NAMES), "survivor": survivor.served(victims)}
-    threads = [
-        threading.Thread(target=load, args=(client, NAMES[k::4], k % 2 == 0, killed, outcomes, 12)) for k in range(4)
-    ]
+    threads = [threading.Thread(target=load, args=(client, NAMES[k::4], killed, outcomes, 12)) for k in range(4)]
     for t in threads:
         t.start()
-
-    def victim_busy() -> bool:
-        served = sum(victim.served(NAMES).values()) - sum(before["victim"].values())
-        return served >= 4 and victim.triton.metric("vllm:num_requests_running") >= 1
-
-    wait_for(victim_busy, 60, "the victim running requests of the load")
+    wait_for(lambda: sum(victim.served(NAMES).values()) >= sum(before["victim"].values()) + 4, 60, "load on the victim")
+    probe = Outcome(victims[0], after_kill=False, stream=True)
+    threads.append(threading.Thread(target=lambda: outcomes.append(attempt(client, probe, 240, live))))
+    threads[-1].start()
+    wait_for(lambda: 0 < live.get(probe.name, 0) < 40, 60, "the long stream under way", every=0.002)
     victim.kill()
     killed.set()
     for t in threads:
@@ -216,6 +227,7 @@ def test_a_killed_replica_costs_no_request_sent_after_it_and_rejoins(replicas, r
     )
     assert len(answered) + len(failed) == len(outcomes), "an answer ended without a finish_reason and no error"
     assert all("Timeout" not in o.error for o in failed), [o.error for o in failed]
+    assert probe.error, "the stream under way at the kill did not fail"
     assert [o.error for o in after if o.error] == []
     survivor_gain = sum(survivor.served(victims).values()) - sum(before["survivor"].values())
     assert survivor_gain >= sum(1 for o in after if o.name in victims and not o.error)
@@ -223,16 +235,17 @@ def test_a_killed_replica_costs_no_request_sent_after_it_and_rejoins(replicas, r
     # rejoin: the same ports again; once the router's health check passes it, its adapters come back to it
     victim.start()
     wait_for(lambda: router.healthy_workers() == 2, 30, "the router's health check passing the restarted replica")
-    deadline, errors = time.monotonic() + 30, []
+    deadline, errors, rounds = time.monotonic() + 30, [], 0
     while True:
-        counts = served_by([victim], victims, lambda: errors.extend(ask_all(client, victims)))
+        counts, rounds = served_by([victim], victims, lambda: errors.extend(ask_all(client, victims))), rounds + 1
         if all(c == [1] for c in counts.values()) or time.monotonic() > deadline:
             break
+    print(f"rejoin: all {len(victims)} of its adapters back on it in round {rounds} of requests")
     assert errors == []
     assert all(c == [1] for c in counts.values()), counts
 
     # adapters new to the shared folder: each on one replica, the restarted one among them
-    base, adapters = folders
+    adapters = folders[1]
     fresh = [f"fresh-{i}" for i in range(16)]
     for name in fresh:
         shutil.copytree(adapters / NAMES[0], adapters / name)
