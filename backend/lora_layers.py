@@ -11,6 +11,12 @@ from backend import lora_ops
 from backend.adapters import select_targets
 
 
+def layer_dims(layer: nn.Module) -> tuple[int, int]:
+    """(d_in, d_out): Conv1D (GPT-2) stores weight as [d_in, d_out] (PEFT's fan_in_fan_out), nn.Linear as
+    [d_out, d_in]."""
+    return tuple(layer.weight.shape if isinstance(layer, Conv1D) else layer.weight.shape[::-1])
+
+
 @dataclass(frozen=True)
 class LoRAStep:
     """Which tokens of a step use which slot: every layer sees all `num_tokens` tokens of the step,
@@ -53,8 +59,7 @@ class LoRALinear(nn.Module):
         self.ctx = ctx
         self.name = name
         self.is_output = is_output  # the output layer sees only each sequence's last token
-        # Conv1D (GPT-2) stores weight as [d_in, d_out] (PEFT's fan_in_fan_out); nn.Linear as [d_out, d_in].
-        self.d_in, self.d_out = base.weight.shape if isinstance(base, Conv1D) else base.weight.shape[::-1]
+        self.d_in, self.d_out = layer_dims(base)
         self.w: lora_ops.SlotWeights | None = None  # set by wrap_model: its own, or its group's
         self.slice = 0
         self.group: LoRAGroup | None = None
