@@ -7,13 +7,13 @@ import os
 import re
 import struct
 import time
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from pathlib import Path
 
 import torch
 
 from backend.errors import RequestError, invalid, not_found
-from backend.naming import CONFIG_FILE, WEIGHTS_FILE, check_name
+from backend.naming import CONFIG_FILE, WEIGHTS_FILE, Mix, check_name, parse_mix
 
 KEY_RE = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.(?P<part>lora_A|lora_B)\.weight$")
 
@@ -69,6 +69,7 @@ class ModuleLoRA:
 
 FileStamp = tuple[int, int, int]  # (inode, size, mtime ns): changes when a file is replaced or rewritten
 Stamp = tuple[FileStamp, FileStamp | None]  # adapter_config.json, adapter_model.safetensors (None: missing)
+MixStamp = tuple[Stamp, ...]  # a mix: its parts' stamps
 
 
 def file_stamp(st: os.stat_result) -> FileStamp:
@@ -88,9 +89,34 @@ class Adapter:
     nbytes: int = 0
 
 
-def stamp_bytes(stamp: Stamp) -> int:
-    """Bytes the host tier holds for an adapter whose files have this stamp."""
+def stamp_bytes(stamp: Stamp | MixStamp) -> int:
+    """Bytes the host tier holds for an adapter whose files have this stamp (a mix: its parts in float32,
+    at most twice their 16-bit files)."""
+    if isinstance(stamp[0][0], tuple):
+        return sum(2 * stamp_bytes(part) for part in stamp)
     return stamp[0][1] + (stamp[1][1] if stamp[1] else 0)
+
+
+def combine(name: str, parts: list[tuple[Adapter, float]], max_rank: int) -> Adapter:
+    """PEFT's add_weighted_adapter(combination_type="cat"): per layer A = [w_1·s_1·A_1; w_2·s_2·A_2; ...]
+    and B = [B_1 | B_2 | ...] in float32, scale 1, so that B·A = Σ w_i·s_i·B_i·A_i exactly, at rank Σ r_i.
+    A layer that a part has no weights for gets nothing from it."""
+    modules = {}
+    for module in sorted(set().union(*(a.modules for a, _ in parts))):
+        present = [(a.modules[module], w) for a, w in parts if module in a.modules]
+        rank = sum(m.rank for m, _ in present)
+        if rank > max_rank:
+            raise invalid(
+                f"LoRA mix '{name}': rank {rank} at '{module}' (the sum of its parts' ranks "
+                f"{'+'.join(str(m.rank) for m, _ in present)}) is above the configured max_lora_rank {max_rank}"
+            )
+        a = torch.cat([m.a.float() * w * m.scale for m, w in present])
+        b = torch.cat([m.b.float() for m, _ in present], dim=1)
+        modules[module] = ModuleLoRA(a, b, 1.0)
+    version = hashlib.sha256(repr([(a.name, a.version, w) for a, w in parts]).encode()).hexdigest()[:16]
+    nbytes = sum(m.a.nbytes + m.b.nbytes for m in modules.values())
+    stamp = tuple(a.stamp for a, _ in parts)
+    return Adapter(name, modules, version, stamp, min(a.read_at for a, _ in parts), nbytes)
 
 
 def pattern_value(patterns: dict, module: str, default):
@@ -144,8 +170,11 @@ class AdapterStore:
             raise not_found(name)
         return folder
 
-    def stamp(self, name: str) -> Stamp:
+    def stamp(self, name: str) -> Stamp | MixStamp:
         """The adapter's files as they are now (a few stat calls); NOT_FOUND without its folder."""
+        parts = parse_mix(name)
+        if parts is not None:
+            return tuple(self.stamp(adapter) for adapter, _ in parts)
         folder = self.folder(name)
         try:
             config = file_stamp((folder / CONFIG_FILE).stat())
@@ -158,6 +187,9 @@ class AdapterStore:
         return config, weights
 
     def load(self, name: str) -> Adapter:
+        parts = parse_mix(name)
+        if parts is not None:
+            return self._load_mix(name, parts)
         read_at = time.monotonic()
         folder = self.folder(name)
         if not (folder / WEIGHTS_FILE).is_file():
@@ -185,6 +217,11 @@ class AdapterStore:
             raise invalid(f"LoRA adapter '{name}': cannot read: {e}") from e
         stamp = (config_stamp, weights_stamp)
         return Adapter(name, modules, version, stamp, read_at, len(config) + len(weights))
+
+    def _load_mix(self, name: str, parts: Mix) -> Adapter:
+        read_at = time.monotonic()
+        mix = combine(name, [(self.load(adapter), weight) for adapter, weight in parts], self.max_rank)
+        return replace(mix, read_at=read_at)
 
     def _read(self, name: str, path: Path, max_bytes: int) -> tuple[bytearray, FileStamp]:
         """The file's bytes, read whole: what is served never maps a file that can change under it.

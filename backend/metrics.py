@@ -169,7 +169,9 @@ class Metrics:
         self.gauge("vllm:cache_config_info", 1, block_size=str(block_size), num_gpu_blocks=str(num_blocks))
 
     def lora_residency(self, max_lora: int, resident: set[str], wanted: set[str]) -> None:
-        """resident: the adapters in device slots; wanted: those that queued requests name."""
+        """resident: the adapters in device slots; wanted: those that queued requests name. Mixes are left out:
+        their names hold commas, which the label's comma-separated list cannot."""
+        resident, wanted = {n for n in resident if "," not in n}, {n for n in wanted if "," not in n}
         info = labels(
             max_lora=str(max_lora),
             running_lora_adapters=",".join(sorted(resident)),

@@ -8,7 +8,7 @@ from dataclasses import dataclass, field
 import numpy as np
 
 from backend.errors import invalid
-from backend.naming import check_name
+from backend.naming import lora_key
 
 _ids = itertools.count()
 
@@ -103,7 +103,7 @@ def parse_request(inputs: dict[str, np.ndarray], limits: Limits) -> GenerationRe
     except UnicodeDecodeError as e:
         raise invalid("lora_name is not valid UTF-8") from e
     if lora_name:
-        check_name(lora_name)
+        lora_name = lora_key(lora_name)
 
     temperature = _scalar(inputs, "temperature", float, 0.0)
     top_p = _scalar(inputs, "top_p", float, 1.0)

@@ -12,6 +12,7 @@ from client.server import TritonServer
 
 ADAPTERS = DEMO_ADAPTERS  # ranks 4..64; targets as list, regex, all-linear; rsLoRA; rank/alpha_pattern
 NEVER = -1  # an end_id no token has: a request runs its max_tokens
+MIX = "qv-r4:0.7,attn-r8-rslora:-0.3"  # list targets both (PEFT's cat needs one kind), the first without rsLoRA
 
 
 @pytest.fixture(scope="session")
@@ -36,6 +37,13 @@ def peft_model(assets):
     for name in names[1:]:
         model.load_adapter(assets / "adapters" / name, adapter_name=name)
     return model.eval()
+
+
+@pytest.fixture(scope="session")
+def peft_mix(peft_model):
+    """The PEFT model with MIX added as the adapter "mix", by add_weighted_adapter(combination_type="cat")."""
+    peft_model.add_weighted_adapter(["qv-r4", "attn-r8-rslora"], [0.7, -0.3], "mix", combination_type="cat")
+    return peft_model
 
 
 @pytest.fixture(scope="session")

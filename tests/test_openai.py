@@ -19,7 +19,7 @@ from transformers import AutoTokenizer
 from backend.config import ENV_ADAPTER_DIR, ENV_BASE_MODEL
 from backend.text import TextCodec
 from client.server import OpenAIServer, free_port, http_status, terminate
-from tests.conftest import ADAPTERS, peft_generate
+from tests.conftest import ADAPTERS, MIX, peft_generate
 from tests.test_server import mixed_requests, wait_idle
 
 EOS = 2  # the test tokenizer's </s>: the base model's end of turn
@@ -91,6 +91,14 @@ def test_completions_equal_peft(api, peft_model, codec, adapter):
         assert out.choices[0].finish_reason == ("stop" if ref[-1] == EOS else "length")
         assert (out.usage.prompt_tokens, out.usage.completion_tokens) == (len(ids), len(ref))
         assert out.usage.total_tokens == len(ids) + len(ref) and out.model == model_of(adapter)
+
+
+def test_a_weighted_mix_in_model_equals_peft(api, peft_mix, codec):
+    ids = codec.encode("Beautiful is better than")
+    out = api.completions.create(model=MIX, prompt=ids, max_tokens=MAX_TOKENS, temperature=0, extra_body=RETURN_IDS)
+    assert out.choices[0].token_ids == peft_generate(peft_mix, ids, "mix", MAX_TOKENS, EOS)
+    with pytest.raises(openai.BadRequestError, match="LoRA mix 'qv-r4:x': the weight 'x' of 'qv-r4' is not a number"):
+        api.completions.create(model="qv-r4:x", prompt=ids, max_tokens=2)
 
 
 def test_logprobs_and_echo(api, peft_model, codec):

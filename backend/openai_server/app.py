@@ -16,7 +16,7 @@ from fastapi.sse import format_sse_event
 from starlette.responses import StreamingResponse
 
 from backend.errors import RequestError
-from backend.naming import CONFIG_FILE, NAME_RE, adapter_folders
+from backend.naming import CONFIG_FILE, NAME_RE, adapter_folders, lora_key, parse_mix
 from backend.openai_server.chat import ChatTemplate, read_template
 from backend.openai_server.engine_client import STATUS, APIError, EngineClient, model_not_found
 from backend.openai_server.generation import Delta, generate_text
@@ -42,9 +42,11 @@ class Service:
         """The adapter a `model` names ("" = the base model); lora_llm tells whether its folder exists."""
         if model == self.settings.base_name:
             return ""
-        if not NAME_RE.fullmatch(model):
+        if NAME_RE.fullmatch(model):
+            return model
+        if parse_mix(model) is None:
             raise model_not_found(model)
-        return model
+        return lora_key(model)  # a weighted mix of adapters, `a:0.7,b:-0.3`
 
     def models(self) -> list[dict]:
         base = self.settings.base_name
