@@ -26,6 +26,7 @@ class EngineConfig:
     # host tier: adapters read from disk, in bytes ("4GiB", "512MB"); least recently used evicted first
     host_lora_memory: str = "4GiB"
     pinned_loras: str = ""  # adapters (name,name) loaded at start and never evicted from slot or host
+    merged_loras: str = ""  # an adapter merged into the served weights at load (hybrid serving; float32 only)
     lora_backend: str = "auto"  # auto = triton on cuda, torch on cpu; triton on cpu runs Triton's interpreter
     attention_backend: str = "auto"  # decode attention: auto = triton (paged kernel) on cuda, torch on cpu
     lora_target_modules: str = "all-linear"  # layers that can take a LoRA: all-linear, a regex or name,name
@@ -66,6 +67,13 @@ class EngineConfig:
     @property
     def pinned(self) -> tuple[str, ...]:
         return tuple(dict.fromkeys(s.strip() for s in self.pinned_loras.split(",") if s.strip()))
+
+    @property
+    def merged(self) -> str:
+        names = [s.strip() for s in self.merged_loras.split(",") if s.strip()]
+        if len(names) > 1:
+            raise ValueError(f"merged_loras names {len(names)} adapters; one for now")
+        return names[0] if names else ""
 
     @property
     def targets(self) -> str | list[str]:

@@ -34,9 +34,11 @@ from backend.errors import (
     invalid,
     unavailable,
 )
+from backend.hybrid import served_as
 from backend.kv_cache import parse_budget
 from backend.metrics import Metrics
 from backend.model_runner import ModelRunner, SeqWork
+from backend.naming import check_name
 from backend.request import GenerationRequest, Limits
 from backend.sampling import Controls, make_generator, sample
 from backend.warmup import warm_up
@@ -104,6 +106,7 @@ class Engine:
         self.wake = threading.Event()  # a request or an adapter read arrived
         self._go = threading.Event()
         self.steps = 0  # forwards run so far
+        self.requested: dict[str, str] = {}  # what serves a request -> the adapter it named (hybrid: a mix)
         loaded: queue.Queue[BaseException | None] = queue.Queue()
         self.thread = threading.Thread(target=self._main, args=(loaded,), name="lora-engine", daemon=True)
         self.thread.start()
@@ -113,6 +116,10 @@ class Engine:
 
     def _load(self) -> None:
         cfg = self.cfg
+        self.merged = cfg.merged
+        if self.merged:
+            check_name(self.merged)
+            self.metrics.gauge("lora_adapter_merged", 1, adapter=self.merged)
         torch.set_num_threads(cfg.num_threads or len(os.sched_getaffinity(0)))
         device = cfg.device if cfg.device != "auto" else ("cuda" if torch.cuda.is_available() else "cpu")
         on_gpu = torch.device(device).type == "cuda"
@@ -133,6 +140,7 @@ class Engine:
             kv_cache_memory=cfg.kv_cache_memory,
             kv_block_size=cfg.kv_block_size,
             attention_backend=cfg.attention_backend,
+            merged_lora=cfg.adapter_dir / self.merged if self.merged else None,
         )
         self.kv = self.runner.kv
         self.warmup = warm_up(self.runner, cfg.max_prefill_tokens + cfg.max_num_seqs, cfg.max_num_seqs)
@@ -195,7 +203,9 @@ class Engine:
         NOT_FOUND, UNAVAILABLE) at once for what can be told without the model."""
         if not req.input_ids or req.max_tokens < 1 or len(req.input_ids) + req.max_tokens > self.limits.max_model_len:
             raise invalid(f"{len(req.input_ids)} prompt tokens + max_tokens {req.max_tokens} do not fit the context")
-        want = self.adapters.want(req.lora_name) if req.lora_name else None
+        name = served_as(req.lora_name, self.merged) if self.merged else req.lora_name
+        want = self.adapters.want(name) if name else None
+        self.requested[name] = req.lora_name
         with self.lock:
             if self.fault is not None:
                 raise device_failed(self.fault)
@@ -241,8 +251,9 @@ class Engine:
         self.metrics.occupancy(
             len(self.running), self.adapters.slots_in_use, len(self.waiting), kv_blocks, self.kv.num_blocks
         )
-        wanted = {s.want.name for s in self.waiting if s.want is not None and s.slot < 0}
-        self.metrics.lora_residency(self.cfg.max_loras, self.adapters.resident(), wanted)
+        wanted = {self.requested.get(s.want.name, s.want.name) for s in self.waiting if s.want and s.slot < 0}
+        resident = {self.requested.get(name, name) for name in self.adapters.resident()} | {self.merged}
+        self.metrics.lora_residency(self.cfg.max_loras, resident - {""}, wanted - {""})
 
     def _idle_until_work(self) -> bool:
         """Waits while there is nothing to do; True once the engine should stop."""

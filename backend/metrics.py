@@ -43,6 +43,7 @@ GAUGES = {
     "lora_tier_budget_bytes": "A tier's budget: host_lora_memory, or the device slots' buffers",
     "lora_tier_adapters": "Adapters resident in a tier",
     "lora_adapter_resident_bytes": "Bytes of an adapter resident in a tier (0 when it is not there)",
+    "lora_adapter_merged": "1 for the adapter merged into the served weights (merged_loras)",
     "vllm:num_requests_running": "Sequences in the running batch (as lora_engine_running_sequences)",
     "vllm:num_requests_waiting": "Requests queued in the engine (as lora_engine_waiting_requests)",
     "vllm:kv_cache_usage_perc": "Fraction of KV-cache blocks in use, 0 to 1",
@@ -72,7 +73,7 @@ PER_ADAPTER = [
     ("lora_adapter_load_seconds", ()),
 ]
 TIER_GAUGES = ("lora_tier_bytes", "lora_tier_budget_bytes", "lora_tier_adapters")
-LABELLED = (*TIER_GAUGES, "lora_adapter_resident_bytes", "vllm:cache_config_info")
+LABELLED = (*TIER_GAUGES, "lora_adapter_resident_bytes", "lora_adapter_merged", "vllm:cache_config_info")
 # the series that exist from the start; the load-time histogram also has one over all adapters
 GLOBAL = [
     *[(name, ()) for name in COUNTERS if name.startswith("lora_engine_")],

@@ -17,6 +17,7 @@ from transformers import AttentionInterface, AutoModelForCausalLM
 from backend import dense, lora_ops
 from backend.attention import AttentionMeta, AttnArgs, PagedAttention, UnsupportedAttention, build_meta
 from backend.config import context_length
+from backend.hybrid import merge_at_load
 from backend.kv_cache import KVCache, LayerShape, budget_bytes, fmt_bytes, plan_cache
 from backend.lora_layers import LoRAContext, LoRALinear, LoRAStep, wrap_model
 from backend.model_checks import check_config, check_layers
@@ -126,6 +127,7 @@ class ModelRunner:
         kv_cache_memory: str = "auto",
         kv_block_size: int = 16,
         attention_backend: str = "auto",
+        merged_lora: Path | None = None,
     ):
         check_config(model_dir)
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation=ATTENTION)
@@ -138,6 +140,8 @@ class ModelRunner:
             raise ValueError(f"{self.arch}: the model's config gives no context length; set max_model_len")
         self.vocab_size = self.model.get_input_embeddings().num_embeddings
         check_layers(self.model, self.arch)
+        if merged_lora is not None:  # before the layers are wrapped and packed
+            merge_at_load(self.model, merged_lora, targets, max_rank)
         self.module_names = [n for n, _ in self.model.named_modules() if n]
         ops = lora_ops.LoRAOps(lora_backend, self.device)
         self.lora: LoRAContext = wrap_model(self.model, targets, num_slots, max_rank, ops)

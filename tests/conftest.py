@@ -1,6 +1,7 @@
 """Session fixtures: small models, tokenizer and PEFT adapters built in a temporary folder, a PEFT
 reference model on them, and a real tritonserver serving the model repository on them."""
 
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import pytest
@@ -8,6 +9,7 @@ import torch
 
 from backend.config import ENV_ADAPTER_DIR, ENV_BASE_MODEL
 from backend.demo import DEMO_ADAPTERS, build_adapter, build_model
+from client.api import generate
 from client.server import TritonServer
 
 ADAPTERS = DEMO_ADAPTERS  # ranks 4..64; targets as list, regex, all-linear; rsLoRA; rank/alpha_pattern
@@ -75,6 +77,17 @@ def peft_generate(model, ids: list[int], adapter: str, max_tokens: int, end_id=N
             **generate_kw,
         )
     return out[0, len(ids) :].tolist()
+
+
+def generate_together(server: TritonServer, ps: list[list[int]], names: list[str | None], max_tokens: int) -> list:
+    """One greedy request per (prompt, adapter) to lora_llm, all at once (they may share engine steps)."""
+
+    def one(i: int):
+        values = dict(input_ids=ps[i], lora_name=names[i], max_tokens=max_tokens, end_id=NEVER)
+        return generate(server.grpc_url, "lora_llm", **values)
+
+    with ThreadPoolExecutor(len(ps)) as pool:
+        return list(pool.map(one, range(len(ps))))
 
 
 @pytest.fixture(scope="session")

@@ -1,14 +1,11 @@
 """Request-time mixing: `lora_name` (or the OpenAI `model`) `a:0.7,b:-0.3` is served as PEFT's
 add_weighted_adapter(..., combination_type="cat"), exact at rank Σr_i, in the same batch as everything else."""
 
-from concurrent.futures import ThreadPoolExecutor
-
 import pytest
 
 from backend.errors import RequestError
 from backend.naming import lora_key
-from client.api import generate
-from tests.conftest import MIX, NEVER, peft_generate
+from tests.conftest import MIX, generate_together, peft_generate
 from tests.test_engine import Collector, drive, make_engine, prompts, request
 
 
@@ -67,15 +64,7 @@ def test_a_mix_through_the_server_equals_peft_beside_other_requests(server, peft
     ps = prompts(vocab, [6, 4, 8], seed=12)
     names = ["qv-r4:0.7, attn-r8-rslora:-0.3", "qv-r4", None]
     before = server.metric("lora_requests_total", adapter=lora_key(MIX))
-    with ThreadPoolExecutor(3) as pool:
-        outs = list(
-            pool.map(
-                lambda i: generate(
-                    server.grpc_url, "lora_llm", input_ids=ps[i], lora_name=names[i], max_tokens=8, end_id=NEVER
-                ),
-                range(3),
-            )
-        )
+    outs = generate_together(server, ps, names, 8)
     for p, name, out in zip(ps, names, outs):
         assert out.token_ids == peft_generate(peft_mix, p, "mix" if name and "," in name else name or "", 8), name
     assert server.metric("lora_requests_total", adapter=lora_key(MIX)) == before + 1
