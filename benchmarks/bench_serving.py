@@ -178,7 +178,7 @@ def commit() -> str:
     return head + ("-dirty" if git("status", "--porcelain", "--untracked-files=no") else "")
 
 
-def write(rows, loads, info: dict, out: Path) -> Path:
+def write(rows, loads, info: dict, out: Path, runs: dict) -> Path:
     stem = out / f"serving-{info['shape_name']}-{slug(info['machine'])}-{info['date']}"
     write_csv(rows, stem.with_suffix(".csv"))
     lines = [
@@ -212,6 +212,7 @@ def write(rows, loads, info: dict, out: Path) -> Path:
         f" {w.new_tokens} new tokens, adapters: {describe(w)}"
         for w in loads
     ]
+    lines += hot_split(runs, list(dict.fromkeys(r["system"] for r in rows)), loads)
     stem.with_suffix(".md").write_text("\n".join(lines) + "\n")
     plot(rows, loads, stem.with_suffix(".png"), info)
     return stem
@@ -227,7 +228,27 @@ def describe(w: Workload) -> str:
         "one": "one for all",
         "distinct": f"{w.distinct} distinct, round-robin",
         "zipf": "80/20 popularity (80% of requests to the most popular 20%) over every adapter built",
+        "hot": "80% name one adapter (a000), the rest spread over the others",
     }[w.adapters]
+
+
+def hot_split(runs: dict, systems: list[str], loads: list[Workload]) -> list[str]:
+    """For the hot workload: latencies of the hot adapter's requests and of the others', per system (what
+    hybrid serving, merged_loras=a000, gives the hot one and costs the rest)."""
+    lines = []
+    for w in (w for w in loads if w.adapters == "hot"):
+        lines += ["", f"{w.name}, by request group:", "", "| system | group | requests | TTFT p50 ms | ITL p50 ms |"]
+        lines.append("|---|---|---|---|---|")
+        for s in systems:
+            for group, hot in (("a000 (80%)", True), ("others (20%)", False)):
+                qs = [q for r in runs[s, w.name] for q in r["requests"] if (q["adapter"] == "a000") == hot]
+                ttft = [q["t_tokens"][0] - q["t_submit"] for q in qs if q["t_tokens"]]
+                itl = [b - a for q in qs for a, b in zip(q["t_tokens"], q["t_tokens"][1:])]
+                lines.append(
+                    f"| {label(s)} | {group} | {len(qs)} | {1e3 * percentiles(ttft)[0]:.0f}"
+                    f" | {1e3 * percentiles(itl)[0]:.1f} |"
+                )
+    return lines
 
 
 def plot(rows, loads, path: Path, info: dict) -> None:
@@ -317,7 +338,7 @@ def main(argv=None) -> int:
         else "every request has the same prompt length (random ids)",
     )
     rows = summarize(runs, a.systems, loads)
-    stem = write(rows, loads, info, a.out)
+    stem = write(rows, loads, info, a.out, runs)
     print(stem.with_suffix(".md").read_text())
     return 0
 

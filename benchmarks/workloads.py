@@ -51,12 +51,15 @@ ONE_B = Shape(
 )
 
 
+HOT_SHARE = 0.8
+
+
 @dataclass(frozen=True)
 class Workload:
     name: str
     num_requests: int
     concurrency: int  # requests in flight at once (closed loop); PEFT runs batches of this size
-    adapters: str  # "base", "one", "distinct", "zipf" (the 80/20 popularity of client.perf_data)
+    adapters: str  # "base", "one", "distinct", "zipf" (the 80/20 popularity of client.perf_data), "hot" (HOT_SHARE)
     distinct: int = 0  # for "distinct": adapters cycled over the requests
     prompt_len: int = 32  # tokens; chat prompts: 2x..8x this
     new_tokens: int = 32
@@ -78,7 +81,11 @@ class Workload:
             "one": (names[:1], "round-robin"),
             "distinct": (names[: self.distinct], "round-robin"),
             "zipf": (names, "80/20"),
+            "hot": (names, "hot"),
         }[self.adapters]
+        if popularity == "hot":  # one adapter (names[0], the one hybrid serving merges), the rest spread
+            chosen = [names[0] if rng.random() < HOT_SHARE else rng.choice(names[1:]) for _ in prompts]
+            return list(zip(chosen, prompts))
         return list(zip(choose(pool, popularity, self.num_requests, rng), prompts))
 
 
@@ -115,6 +122,7 @@ def workloads(quick: bool = False, real: bool = False) -> list[Workload]:
         Workload(f"{n // 4} distinct", n, c, "distinct", n // 4, prompt_len=prompt, new_tokens=new),
         Workload(f"{n} distinct", n, c, "distinct", n, prompt_len=prompt, new_tokens=new),
         Workload("zipf 80/20", slow_n, c, "zipf", prompt_len=prompt, new_tokens=new),
+        Workload("one hot 80%", slow_n, c, "hot", prompt_len=prompt, new_tokens=new),
     ]
 
 
