@@ -160,6 +160,7 @@ class AdapterStore:
         self.base_modules = base_modules
         self.max_rank = max_rank
         self.allow_symlinks = allow_symlinks
+        self.frozen: dict[str, Adapter] = {}  # served as read once, whatever their folders hold now
         # the largest file a valid adapter can be: every layer at the highest rank in fp32, and its header
         self.max_file_bytes = sum(d_in + d_out for d_in, d_out in shapes.values()) * max_rank * 4 + 2**20
 
@@ -175,6 +176,8 @@ class AdapterStore:
         parts = parse_mix(name)
         if parts is not None:
             return tuple(self.stamp(adapter) for adapter, _ in parts)
+        if name in self.frozen:
+            return self.frozen[name].stamp
         folder = self.folder(name)
         try:
             config = file_stamp((folder / CONFIG_FILE).stat())
@@ -190,6 +193,8 @@ class AdapterStore:
         parts = parse_mix(name)
         if parts is not None:
             return self._load_mix(name, parts)
+        if name in self.frozen:
+            return self.frozen[name]
         read_at = time.monotonic()
         folder = self.folder(name)
         if not (folder / WEIGHTS_FILE).is_file():

@@ -147,6 +147,8 @@ class Engine:
         store = AdapterStore(
             cfg.adapter_dir, self.runner.shapes, self.runner.module_names, cfg.max_lora_rank, cfg.allow_adapter_symlinks
         )
+        if self.runner.merged is not None:
+            store.frozen[self.merged] = self.runner.merged
         host_budget, kind = parse_budget(cfg.host_lora_memory, "host_lora_memory")
         if kind != "bytes":
             raise ValueError(f"host_lora_memory {cfg.host_lora_memory!r}: expected bytes like 4GiB")

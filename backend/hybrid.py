@@ -2,13 +2,15 @@
 W' = W + s_h·B_h·A_h (`merged_loras`). Its requests run on the weights alone. Every other request gets
 its own delta minus h's, as the mix `x:1,h:-1` (PEFT's cat with weights [1, -1], rank r_x + r_h), and a
 base request gets `h:-1`. Exact in float32 only: in 16-bit weights round(W + Δ) - Δ is not W, so the
-setting is refused there rather than serving base outputs that differ."""
+setting is refused there rather than serving base outputs that differ. The merged version is fixed at load:
+every request subtracts that one, whatever its folder holds later."""
 
 from pathlib import Path
 
 import torch
 from torch import nn
 
+from backend.adapters import Adapter
 from backend.lora_layers import linear_modules
 from backend.merge import merge, read_adapter
 from backend.naming import lora_key, parse_mix
@@ -23,9 +25,9 @@ def served_as(name: str, merged: str) -> str:
     return lora_key(",".join(kept)) if kept else ""
 
 
-def merge_at_load(model: nn.Module, folder: Path, targets, max_rank: int) -> None:
-    """Merges the adapter in `folder` into the model's weights, before its layers are wrapped; refuses
-    what would make the other requests inexact or unservable."""
+def merge_at_load(model: nn.Module, folder: Path, targets, max_rank: int) -> Adapter:
+    """Merges the adapter in `folder` into the model's weights, before its layers are wrapped, and returns
+    it: the version the other requests must subtract. Refuses what would make them inexact or unservable."""
     if model.dtype != torch.float32:
         raise ValueError(
             f"merged_loras needs dtype float32: in {str(model.dtype).removeprefix('torch.')}, W + Δ rounds, and "
@@ -40,3 +42,4 @@ def merge_at_load(model: nn.Module, folder: Path, targets, max_rank: int) -> Non
     if rank > max_rank:
         raise ValueError(f"merged_loras '{folder.name}' has rank {rank}, above max_lora_rank {max_rank}")
     merge(model, adapter)
+    return adapter

@@ -140,8 +140,9 @@ class ModelRunner:
             raise ValueError(f"{self.arch}: the model's config gives no context length; set max_model_len")
         self.vocab_size = self.model.get_input_embeddings().num_embeddings
         check_layers(self.model, self.arch)
-        if merged_lora is not None:  # before the layers are wrapped and packed
-            merge_at_load(self.model, merged_lora, targets, max_rank)
+        self.merged = None  # before the layers are wrapped and packed
+        if merged_lora is not None:
+            self.merged = merge_at_load(self.model, merged_lora, targets, max_rank)
         self.module_names = [n for n, _ in self.model.named_modules() if n]
         ops = lora_ops.LoRAOps(lora_backend, self.device)
         self.lora: LoRAContext = wrap_model(self.model, targets, num_slots, max_rank, ops)

@@ -1,6 +1,8 @@
 """Hybrid serving (merged_loras): one adapter merged into the served weights at load; its requests run on the
 weights alone, and other adapters and the base through their delta minus its, in the same batch, equal to PEFT."""
 
+import shutil
+
 import pytest
 
 from backend.config import ENV_ADAPTER_DIR, ENV_BASE_MODEL
@@ -26,9 +28,14 @@ def test_what_serves_each_request(name, served):
     assert served_as(name, HOT) == served
 
 
-def test_hot_other_and_base_in_one_step_equal_peft(assets, peft_model, vocab, engines):
-    engine = make_engine(assets / "base", assets / "adapters", merged_loras=HOT)
+def test_hot_other_and_base_in_one_step_equal_peft(assets, peft_model, vocab, engines, tmp_path):
+    """Also once the merged adapter's folder holds another adapter: what is merged is fixed at load, and
+    every request subtracts that version."""
+    adapters = shutil.copytree(assets / "adapters", tmp_path / "adapters")
+    engine = make_engine(assets / "base", adapters, merged_loras=HOT)
     engines.append(engine)
+    shutil.rmtree(adapters / HOT)
+    shutil.copytree(assets / "adapters" / "mlp-r64", adapters / HOT)
     ps = prompts(vocab, [5, 7, 9, 6], seed=14)
     names = [HOT, OTHER, "", HOT]
     collectors = [Collector() for _ in names]
