@@ -11,6 +11,7 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -69,6 +70,20 @@ def terminate(process: subprocess.Popen | None, timeout: float, group: bool = Fa
         return process.wait()
 
 
+def wait_started(server, ready: Callable[[], bool], timeout: float, what: str, every: float = 0.2) -> None:
+    """Returns once ready() holds; raises if the server's process exits first, or stops it and raises if
+    `timeout` seconds pass."""
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline:
+        if server.process.poll() is not None:
+            raise RuntimeError(f"{what} exited ({server.process.returncode}):\n{server.log_tail()}")
+        if ready():
+            return
+        time.sleep(every)
+    server.stop()
+    raise TimeoutError(f"{what} not ready after {timeout:.0f} s:\n{server.log_tail()}")
+
+
 @dataclass
 class TritonServer:
     repository: Path = REPO_ROOT / "model_repository"
@@ -108,15 +123,8 @@ class TritonServer:
             self.process = subprocess.Popen(
                 cmd, stdout=log, stderr=subprocess.STDOUT, env={**os.environ, **self.env}, start_new_session=True
             )
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"tritonserver exited ({self.process.returncode}):\n{self.log_tail()}")
-            if self.ready():
-                return self
-            time.sleep(0.5)
-        self.stop()
-        raise TimeoutError(f"tritonserver not ready after {timeout:.0f} s:\n{self.log_tail()}")
+        wait_started(self, self.ready, timeout, "tritonserver", every=0.5)
+        return self
 
     def ready(self) -> bool:
         return http_status(f"http://{self.http_url}/v2/health/ready", timeout=2) == 200
@@ -182,16 +190,9 @@ class OpenAIServer:
         self.log_path = Path(self.log_path or Path(os.environ.get("TMPDIR", "/tmp")) / f"openai-{self.port}.log")
         with open(self.log_path, "w") as log:
             self.process = subprocess.Popen(cmd, cwd=REPO_ROOT, stdout=log, stderr=subprocess.STDOUT)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"the OpenAI server exited ({self.process.returncode}):\n{self.log_tail()}")
-            status = self.health()
-            if status == 200 or (status and not wait_ready):
-                return self
-            time.sleep(0.2)
-        self.stop()
-        raise TimeoutError(f"the OpenAI server did not start in {timeout:.0f} s:\n{self.log_tail()}")
+        answers = (lambda: self.health() is not None) if not wait_ready else (lambda: self.health() == 200)
+        wait_started(self, answers, timeout, "the OpenAI server")
+        return self
 
     def folder_args(self) -> list[str]:
         folders = {"--model-dir": self.model_dir, "--adapter-dir": self.adapter_dir}
@@ -253,15 +254,8 @@ class Router:
         self.log_path = Path(self.log_path or Path(os.environ.get("TMPDIR", "/tmp")) / f"router-{self.port}.log")
         with open(self.log_path, "w") as log:
             self.process = subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
-        deadline = time.monotonic() + timeout
-        while time.monotonic() < deadline:
-            if self.process.poll() is not None:
-                raise RuntimeError(f"vllm-router exited ({self.process.returncode}):\n{self.log_tail()}")
-            if self.healthy_workers() == len(self.worker_urls):
-                return self
-            time.sleep(0.2)
-        self.stop()
-        raise TimeoutError(f"vllm-router not ready in {timeout:.0f} s:\n{self.log_tail()}")
+        wait_started(self, lambda: self.healthy_workers() == len(self.worker_urls), timeout, "vllm-router")
+        return self
 
     def healthy_workers(self) -> int | None:
         """How many workers the router's health checks pass (GET /readiness), or None while it does not answer."""
