@@ -34,7 +34,7 @@ from backend.errors import (
     invalid,
     unavailable,
 )
-from backend.hybrid import served_as
+from backend.hybrid import requested_as, served_as
 from backend.kv_cache import parse_budget
 from backend.metrics import Metrics
 from backend.model_runner import ModelRunner, SeqWork
@@ -106,7 +106,6 @@ class Engine:
         self.wake = threading.Event()  # a request or an adapter read arrived
         self._go = threading.Event()
         self.steps = 0  # forwards run so far
-        self.requested: dict[str, str] = {}  # what serves a request -> the adapter it named (hybrid: a mix)
         loaded: queue.Queue[BaseException | None] = queue.Queue()
         self.thread = threading.Thread(target=self._main, args=(loaded,), name="lora-engine", daemon=True)
         self.thread.start()
@@ -207,7 +206,6 @@ class Engine:
             raise invalid(f"{len(req.input_ids)} prompt tokens + max_tokens {req.max_tokens} do not fit the context")
         name = served_as(req.lora_name, self.merged) if self.merged else req.lora_name
         want = self.adapters.want(name) if name else None
-        self.requested[name] = req.lora_name
         with self.lock:
             if self.fault is not None:
                 raise device_failed(self.fault)
@@ -253,8 +251,11 @@ class Engine:
         self.metrics.occupancy(
             len(self.running), self.adapters.slots_in_use, len(self.waiting), kv_blocks, self.kv.num_blocks
         )
-        wanted = {self.requested.get(s.want.name, s.want.name) for s in self.waiting if s.want and s.slot < 0}
-        resident = {self.requested.get(name, name) for name in self.adapters.resident()} | {self.merged}
+        wanted = {s.want.name for s in self.waiting if s.want and s.slot < 0}
+        resident = self.adapters.resident()
+        if self.merged:  # name each slot by the adapter requested, not by the mix that serves it
+            wanted = {requested_as(n, self.merged) for n in wanted}
+            resident = {requested_as(n, self.merged) for n in resident} | {self.merged}
         self.metrics.lora_residency(self.cfg.max_loras, resident - {""}, wanted - {""})
 
     def _idle_until_work(self) -> bool:

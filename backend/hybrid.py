@@ -19,9 +19,21 @@ from backend.naming import lora_key, parse_mix
 def served_as(name: str, merged: str) -> str:
     """The adapter or mix that serves a request for `name` ("" = the base) on weights with `merged` in
     them; "" = the weights alone."""
+    return shifted(name, merged, -1.0)
+
+
+def requested_as(served: str, merged: str) -> str:
+    """The inverse of served_as: the adapter or mix a request served by `served` named ("" = the base)."""
+    requested = shifted(served, merged, 1.0)
+    parts = parse_mix(requested)
+    return parts[0][0] if parts and len(parts) == 1 and parts[0][1] == 1.0 else requested
+
+
+def shifted(name: str, adapter: str, by: float) -> str:
+    """`name` (an adapter, a mix, or "" for the base) with `by` added to `adapter`'s weight."""
     parts = dict(parse_mix(name) or ([(name, 1.0)] if name else []))
-    parts[merged] = parts.get(merged, 0.0) - 1.0
-    kept = [f"{adapter}:{weight!r}" for adapter, weight in parts.items() if weight != 0.0]
+    parts[adapter] = parts.get(adapter, 0.0) + by
+    kept = [f"{a}:{w!r}" for a, w in parts.items() if w != 0.0]
     return lora_key(",".join(kept)) if kept else ""
 
 

@@ -6,7 +6,7 @@ import shutil
 import pytest
 
 from backend.config import ENV_ADAPTER_DIR, ENV_BASE_MODEL
-from backend.hybrid import served_as
+from backend.hybrid import requested_as, served_as
 from client.server import TritonServer
 from tests.conftest import generate_together, peft_generate
 from tests.test_engine import Collector, drive, make_engine, prompts, request
@@ -75,3 +75,9 @@ def test_hybrid_through_the_server_equals_peft(assets, peft_model, vocab):
         assert server.metric("lora_adapter_merged", adapter=HOT) == 1
     for p, name, out in zip(ps, names, outs):
         assert out.token_ids == peft_generate(peft_model, p, name or "", 8), name
+
+
+@pytest.mark.parametrize("name", ["", OTHER, f"{OTHER}:0.5,{HOT}:0.25", "all-r16-pattern:-2.0"])
+def test_each_request_is_named_back_from_what_serves_it(name):
+    """Requests reach the engine with canonical names (lora_key)."""
+    assert requested_as(served_as(name, HOT), HOT) == name
