@@ -19,7 +19,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from kernels import lora_expand, lora_shrink, paged_attention
+from kernels import dora_scale, lora_expand, lora_shrink, paged_attention
 
 # dtype -> (torch dtype, PRECISION the launcher passes on a GPU)
 DTYPES = {"fp32": (torch.float32, "ieee"), "fp16": (torch.float16, "tf32"), "bf16": (torch.bfloat16, "tf32")}
@@ -71,6 +71,17 @@ def expand_variants():
                 sig,
                 {**dict(cfg), "PRECISION": prec, "UPCAST": False},
             )
+
+
+def dora_scale_variants():
+    # every N past 256 gets what 256 gets
+    configs = {tuple(sorted(dora_scale.dora_config(2**i).items())) for i in range(10)}
+    for dt in DTYPES:
+        sig = {"y_ptr": f"*{dt}", "g_ptr": "*fp32", "c_ptr": "*fp32"}
+        sig |= dict.fromkeys(["dora_ptr", "sorted_ptr", "seg_slot_ptr", "seg_start_ptr", "seg_len_ptr"], "*i32")
+        sig |= dict.fromkeys(["N", "stride_ym"], "i32")
+        for cfg in sorted(configs):
+            yield "dora_scale", dora_scale._dora_scale_kernel, dt, sig, dict(cfg)
 
 
 def paged_configs(dtype) -> set[tuple[int, int, int]]:
@@ -137,7 +148,13 @@ def resources(cubin: bytes) -> dict:
 
 
 def variants():
-    return [*shrink_variants(), *expand_variants(), *paged_decode_variants(), *paged_reduce_variants()]
+    return [
+        *shrink_variants(),
+        *expand_variants(),
+        *dora_scale_variants(),
+        *paged_decode_variants(),
+        *paged_reduce_variants(),
+    ]
 
 
 def compile_all(ccs=(80, 90), kernels: list[str] | None = None) -> list[dict]:
