@@ -318,7 +318,7 @@ class AdapterManager:
             self._evicted(slot.adapter.name, "device")
         for module, layer in self.lora.layers.items():
             m = adapter.modules.get(module)
-            layer.set_slot(slot.index, m and m.a, m and m.b, m.scale if m else 0.0)
+            layer.set_slot(slot.index, m and m.a, m and m.b, m.scale if m else 0.0, m and m.g)
         old = self.by_name.get(adapter.name)
         if old is not None:
             old.pinned = False  # an outdated version: freed once its sequences are done

@@ -7,6 +7,7 @@ import os
 import re
 import struct
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, replace
 from pathlib import Path
 
@@ -15,11 +16,12 @@ import torch
 from backend.errors import RequestError, invalid, not_found
 from backend.naming import CONFIG_FILE, WEIGHTS_FILE, Mix, check_name, parse_mix
 
-KEY_RE = re.compile(r"^(?:base_model\.model\.)?(?P<module>.+)\.(?P<part>lora_A|lora_B)\.weight$")
+KEY_RE = re.compile(
+    r"^(?:base_model\.model\.)?(?P<module>.+)\.(?:(?P<part>lora_A|lora_B)\.weight|lora_magnitude_vector(?:\.weight)?)$"
+)
 
 # PEFT options whose effect we do not (yet) apply: serving them would silently change the output.
 UNSUPPORTED = {
-    "use_dora": "DoRA (use_dora)",
     "modules_to_save": "modules_to_save",
     "lora_bias": "lora_bias",
     "layer_replication": "layer_replication",
@@ -61,10 +63,29 @@ class ModuleLoRA:
     a: torch.Tensor  # [r, d_in]
     b: torch.Tensor  # [d_out, r]
     scale: float
+    magnitude: torch.Tensor | None = None  # DoRA's m [d_out], as trained
+    g: torch.Tensor | None = None  # DoRA's m / ‖W + s·B·A‖ per output row [d_out] fp32, for the served W
 
     @property
     def rank(self) -> int:
         return self.a.shape[0]
+
+
+# (module, s·A [r, d_in], B [d_out, r]) -> ‖W + B·(s·A)‖ per output row [d_out], fp32, for the served weights W
+RowNorms = Callable[[str, torch.Tensor, torch.Tensor], torch.Tensor]
+
+
+def dora_scales(name: str, modules: dict[str, ModuleLoRA], norms: RowNorms) -> dict[str, ModuleLoRA]:
+    """Fills in g = m / ‖W + s·B·A‖ (PEFT's DoRA, computed once here in fp32) for modules with a magnitude."""
+    out = {}
+    for module, m in modules.items():
+        if m.magnitude is not None:
+            g = m.magnitude.float() / norms(module, m.a.float() * m.scale, m.b.float())
+            if not torch.isfinite(g).all():
+                raise invalid(f"LoRA adapter '{name}': DoRA scale at '{module}' is not finite (a zero row norm)")
+            m = replace(m, g=g)
+        out[module] = m
+    return out
 
 
 FileStamp = tuple[int, int, int]  # (inode, size, mtime ns): changes when a file is replaced or rewritten
@@ -88,6 +109,10 @@ class Adapter:
     read_at: float = 0.0  # time.monotonic() when the read began
     nbytes: int = 0
 
+    @property
+    def dora(self) -> bool:
+        return any(m.magnitude is not None for m in self.modules.values())
+
 
 def stamp_bytes(stamp: Stamp | MixStamp) -> int:
     """Bytes the host tier holds for an adapter whose files have this stamp (a mix: its parts in float32,
@@ -100,7 +125,8 @@ def stamp_bytes(stamp: Stamp | MixStamp) -> int:
 def combine(name: str, parts: list[tuple[Adapter, float]], max_rank: int) -> Adapter:
     """PEFT's add_weighted_adapter(combination_type="cat"): per layer A = [w_1·s_1·A_1; w_2·s_2·A_2; ...]
     and B = [B_1 | B_2 | ...] in float32, scale 1, so that B·A = Σ w_i·s_i·B_i·A_i exactly, at rank Σ r_i.
-    A layer that a part has no weights for gets nothing from it."""
+    A layer that a part has no weights for gets nothing from it. A DoRA part keeps its magnitudes: its
+    direction is then normalized with every part's delta in it (what hybrid serving needs, see _load_mix)."""
     modules = {}
     for module in sorted(set().union(*(a.modules for a, _ in parts))):
         present = [(a.modules[module], w) for a, w in parts if module in a.modules]
@@ -112,7 +138,8 @@ def combine(name: str, parts: list[tuple[Adapter, float]], max_rank: int) -> Ada
             )
         a = torch.cat([m.a.float() * w * m.scale for m, w in present])
         b = torch.cat([m.b.float() for m, _ in present], dim=1)
-        modules[module] = ModuleLoRA(a, b, 1.0)
+        magnitude = next((m.magnitude for m, _ in present if m.magnitude is not None), None)
+        modules[module] = ModuleLoRA(a, b, 1.0, magnitude)
     version = hashlib.sha256(repr([(a.name, a.version, w) for a, w in parts]).encode()).hexdigest()[:16]
     nbytes = sum(m.a.nbytes + m.b.nbytes for m in modules.values())
     stamp = tuple(a.stamp for a, _ in parts)
@@ -145,7 +172,8 @@ def select_targets(target_modules, names: list[str], linear: set[str]) -> set[st
 
 class AdapterStore:
     """Finds adapters under `root` (one folder per name) and reads them, validated against the base
-    model's LoRA-capable layers (`shapes`: module name -> (d_in, d_out))."""
+    model's LoRA-capable layers (`shapes`: module name -> (d_in, d_out)); `norms` gives DoRA adapters
+    their scales against the served weights."""
 
     def __init__(
         self,
@@ -154,9 +182,11 @@ class AdapterStore:
         base_modules: list[str],
         max_rank: int,
         allow_symlinks: bool = False,
+        norms: RowNorms | None = None,
     ):
         self.root = Path(root)
         self.shapes = shapes
+        self.norms = norms
         self.base_modules = base_modules
         self.max_rank = max_rank
         self.allow_symlinks = allow_symlinks
@@ -192,7 +222,17 @@ class AdapterStore:
     def load(self, name: str) -> Adapter:
         parts = parse_mix(name)
         if parts is not None:
-            return self._load_mix(name, parts)
+            return self._with_scales(self._load_mix(name, parts))
+        return self._with_scales(self._load_one(name))
+
+    def _with_scales(self, adapter: Adapter) -> Adapter:
+        if not adapter.dora or all(m.g is not None for m in adapter.modules.values() if m.magnitude is not None):
+            return adapter
+        if self.norms is None:
+            raise invalid(f"LoRA adapter '{adapter.name}': DoRA (use_dora) is not supported here")
+        return replace(adapter, modules=dora_scales(adapter.name, adapter.modules, self.norms))
+
+    def _load_one(self, name: str) -> Adapter:
         if name in self.frozen:
             return self.frozen[name]
         read_at = time.monotonic()
@@ -224,9 +264,15 @@ class AdapterStore:
         return Adapter(name, modules, version, stamp, read_at, len(config) + len(weights))
 
     def _load_mix(self, name: str, parts: Mix) -> Adapter:
+        """A DoRA adapter's magnitude does not combine linearly (PEFT's cat has no exact form for it), so a
+        mix may hold one only as hybrid serving builds it: with weight 1, beside merged adapters at -1."""
         read_at = time.monotonic()
-        mix = combine(name, [(self.load(adapter), weight) for adapter, weight in parts], self.max_rank)
-        return replace(mix, read_at=read_at)
+        loaded = [(self._load_one(adapter), weight) for adapter, weight in parts]
+        dora = [a for a, _ in loaded if a.dora]
+        shift = all(a in dora and w == 1.0 or a.name in self.frozen and w == -1.0 for a, w in loaded)
+        if dora and (len(dora) > 1 or not shift):
+            raise invalid(f"LoRA mix '{name}': '{dora[0].name}' is a DoRA adapter, which cannot be mixed")
+        return replace(combine(name, loaded, self.max_rank), read_at=read_at)
 
     def _read(self, name: str, path: Path, max_bytes: int) -> tuple[bytearray, FileStamp]:
         """The file's bytes, read whole: what is served never maps a file that can change under it.
@@ -254,13 +300,16 @@ class AdapterStore:
         for key, label in UNSUPPORTED.items():
             if cfg.get(key):
                 raise fail(f"{label} is not supported")
+        dora = bool(cfg.get("use_dora"))
         pairs: dict[str, dict[str, torch.Tensor]] = {}
         for key, tensor in tensors.items():
             m = KEY_RE.match(key)
             if not m:
                 hint = " (saved base weights: save with save_embedding_layers=False)" if "base_layer" in key else ""
                 raise fail(f"unsupported tensor {key!r}: only lora_A / lora_B weights of linear layers{hint}")
-            pairs.setdefault(m["module"], {})[m["part"]] = tensor
+            if not m["part"] and not dora:
+                raise fail(f"tensor {key!r} is a DoRA magnitude, and adapter_config.json does not set use_dora")
+            pairs.setdefault(m["module"], {})[m["part"] or "magnitude"] = tensor
 
         targets = select_targets(cfg.get("target_modules"), self.base_modules, set(self.shapes))
         if cfg.get("target_modules") is not None and not targets:
@@ -270,9 +319,10 @@ class AdapterStore:
             if module not in self.shapes:
                 where = "is not a LoRA-capable layer of" if module in self.base_modules else "is missing in"
                 raise fail(f"target module '{module}' {where} the base model")
-            if set(ab) != {"lora_A", "lora_B"}:
-                raise fail(f"module '{module}' lacks lora_A or lora_B")
-            a, b = ab["lora_A"], ab["lora_B"]
+            if set(ab) != {"lora_A", "lora_B", *(["magnitude"] if dora else [])}:
+                parts = "lora_A, lora_B or its DoRA magnitude" if dora else "lora_A or lora_B"
+                raise fail(f"module '{module}' lacks {parts}")
+            a, b, magnitude = ab["lora_A"], ab["lora_B"], ab.get("magnitude")
             d_in, d_out = self.shapes[module]
             rank = a.shape[0]
             if a.shape != (rank, d_in) or b.shape != (d_out, rank):
@@ -280,6 +330,8 @@ class AdapterStore:
                     f"shape mismatch at '{module}': lora_A {tuple(a.shape)}, lora_B {tuple(b.shape)}, "
                     f"base layer in={d_in} out={d_out}"
                 )
+            if magnitude is not None and magnitude.shape != (d_out,):
+                raise fail(f"DoRA magnitude at '{module}' has shape {tuple(magnitude.shape)}, the layer out={d_out}")
             if rank > self.max_rank:
                 raise fail(f"rank {rank} at '{module}' is above the configured max_lora_rank {self.max_rank}")
             declared = pattern_value(cfg.get("rank_pattern") or {}, module, cfg.get("r", 8))
@@ -287,7 +339,7 @@ class AdapterStore:
                 raise fail(f"adapter_config.json gives '{module}' rank {declared}, its tensors have rank {rank}")
             if targets and module not in targets:
                 raise fail(f"weights for '{module}', which target_modules does not select")
-            modules[module] = ModuleLoRA(a, b, module_scale(cfg, module, rank))
+            modules[module] = ModuleLoRA(a, b, module_scale(cfg, module, rank), magnitude)
         if not modules:
             raise fail("no LoRA weights")
         return modules

@@ -119,11 +119,17 @@ def build_base(out_dir: Path, arch: str = "llama", vocab_size: int = 1024, seed:
 
 
 def build_adapter(base_dir: Path, out_dir: Path, seed: int = 0, **lora) -> Path:
-    """A PEFT LoRA adapter with random A and B (init_lora_weights=False), saved by PEFT itself."""
+    """A PEFT LoRA adapter with random A and B (init_lora_weights=False), saved by PEFT itself. DoRA
+    (use_dora=True): magnitudes scaled by 0.5..1.5 at random, since PEFT starts them at ‖W + s·B·A‖ (g = 1,
+    which would serve the same as plain LoRA)."""
     torch.manual_seed(seed)
     base = AutoModelForCausalLM.from_pretrained(base_dir, dtype=torch.float32)
     peft_model = get_peft_model(base, LoraConfig(init_lora_weights=False, task_type="CAUSAL_LM", **lora))
-    peft_model.save_pretrained(out_dir)
+    with torch.no_grad():
+        for name, p in peft_model.named_parameters():
+            if "lora_magnitude_vector" in name:
+                p.mul_(0.5 + torch.rand_like(p))
+    peft_model.save_pretrained(out_dir, save_embedding_layers=False)  # lm_head as a target: its LoRA only
     return Path(out_dir)
 
 

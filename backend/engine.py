@@ -144,7 +144,12 @@ class Engine:
         self.kv = self.runner.kv
         self.warmup = warm_up(self.runner, cfg.max_prefill_tokens + cfg.max_num_seqs, cfg.max_num_seqs)
         store = AdapterStore(
-            cfg.adapter_dir, self.runner.shapes, self.runner.module_names, cfg.max_lora_rank, cfg.allow_adapter_symlinks
+            cfg.adapter_dir,
+            self.runner.shapes,
+            self.runner.module_names,
+            cfg.max_lora_rank,
+            cfg.allow_adapter_symlinks,
+            self.runner.lora.row_norms,
         )
         if self.runner.merged is not None:
             store.frozen[self.merged] = self.runner.merged

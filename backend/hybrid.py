@@ -46,6 +46,11 @@ def merge_at_load(model: nn.Module, folder: Path, targets, max_rank: int) -> Ada
             "base requests (served as W + Δ - Δ) would not get the base model's outputs"
         )
     adapter = read_adapter(model, folder)
+    if adapter.dora:
+        raise ValueError(
+            f"merged_loras '{folder.name}' is a DoRA adapter: its merged weights g ⊙ (W + Δ) leave no LoRA delta "
+            "that gives the base back"
+        )
     capable = linear_modules(model, targets)
     outside = sorted(set(adapter.modules) - set(capable))
     if outside:

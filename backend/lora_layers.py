@@ -37,6 +37,10 @@ class LoRAContext:
     layers: dict[str, "LoRALinear"] = field(default_factory=dict)
     groups: list["LoRAGroup"] = field(default_factory=list)
 
+    def row_norms(self, module: str, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """‖W + B·A‖ per output row of a layer, for DoRA (adapters.RowNorms)."""
+        return self.layers[module].row_norms(a, b)
+
     def rows(self, layer: "LoRALinear", x: torch.Tensor) -> lora_ops.Rows | None:
         """The step's LoRA rows for the tokens in x; raises where x is not what the step says."""
         step = self.step
@@ -50,8 +54,8 @@ class LoRAContext:
 
 
 class LoRALinear(nn.Module):
-    """y = base(x) + s_i * B_i A_i x, where i is the slot of x's request. A layer in a LoRAGroup
-    keeps its slice of the group's slots and gets its output from the group."""
+    """y = base(x) + s_i * B_i A_i x, where i is the slot of x's request (DoRA: g_i ⊙ (W x + s_i B_i A_i x)
+    + bias). A layer in a LoRAGroup keeps its slice of the group's slots and gets its output from the group."""
 
     def __init__(self, base: nn.Module, ctx: LoRAContext, name: str, is_output: bool = False):
         super().__init__()
@@ -60,18 +64,33 @@ class LoRALinear(nn.Module):
         self.name = name
         self.is_output = is_output  # the output layer sees only each sequence's last token
         self.d_in, self.d_out = layer_dims(base)
+        with torch.no_grad():  # ‖W‖² per output row, kept for DoRA: the dense weight may be packed away
+            rows = 0 if isinstance(base, Conv1D) else 1
+            self.weight_sq = torch.linalg.vector_norm(base.weight, dim=rows, dtype=torch.float32).square()
         self.w: lora_ops.SlotWeights | None = None  # set by wrap_model: its own, or its group's
         self.slice = 0
         self.group: LoRAGroup | None = None
 
-    def set_slot(self, slot: int, a: torch.Tensor | None, b: torch.Tensor | None, scale: float) -> None:
-        self.w.set(slot, self.slice, a, b, scale)
+    def set_slot(self, slot: int, a, b, scale: float, g: torch.Tensor | None = None) -> None:
+        self.w.set(slot, self.slice, a, b, scale, g)
 
     def allocate(self, num_slots: int, max_rank: int) -> None:
         weight = self.base_layer.weight
         self.w = lora_ops.SlotWeights.allocate(
-            num_slots, max_rank, self.d_in, [self.d_out], weight.dtype, weight.device
+            num_slots, max_rank, self.d_in, [self.d_out], weight.dtype, weight.device, self.base_layer.bias
         )
+
+    @torch.no_grad()
+    def row_norms(self, a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """‖W + B·A‖ per output row (a [r, d_in], b [d_out, r] fp32) as ‖W‖² + 2·(W·Aᵀ ⊙ B)·1 + ‖B·A‖², with
+        W·Aᵀ from the base layer itself (dense, grouped or packed): one small product, no copy of W."""
+        linear = self.base_layer if self.group is None else self.group.linear
+        a, b = a.to(self.weight_sq.device), b.to(self.weight_sq.device)
+        wa = linear(a.to(self.w.a.dtype)).float()  # [r, N]: A·Wᵀ + bias
+        cols = slice(self.w.starts[self.slice], self.w.starts[self.slice] + self.d_out)
+        wa = wa[:, cols] - (0.0 if self.w.bias is None else self.w.bias[cols])
+        sq = self.weight_sq + 2 * (wa.T * b).sum(1) + ((b @ (a @ a.T)) * b).sum(1)
+        return sq.clamp_min(0).sqrt().cpu()
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.group is not None:
@@ -100,7 +119,7 @@ class LoRAGroup:
             self.linear.bias.data = bias
         widths = [m.d_out for m in members]
         self.w = lora_ops.SlotWeights.allocate(
-            num_slots, max_rank, members[0].d_in, widths, weight.dtype, weight.device
+            num_slots, max_rank, members[0].d_in, widths, weight.dtype, weight.device, bias
         )
         for i, (m, base) in enumerate(zip(members, bases)):
             rows = slice(self.w.starts[i], self.w.starts[i] + widths[i])

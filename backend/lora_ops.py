@@ -1,4 +1,5 @@
-"""The LoRA kernel wrapper: y += s_i * B_i (A_i x) for every token of a mixed batch, on whole slices.
+"""The LoRA kernel wrapper: y += s_i * B_i (A_i x) for every token of a mixed batch, on whole slices, then
+for DoRA slots y = g_i ⊙ y + c_i (g_i = m / ‖W + s·B·A‖ per output column, c_i = (1 - g_i) ⊙ bias).
 
 Layers own `SlotWeights` and call `LoRAOps.add`; this module is the only one that imports `kernels`.
 Backends: "triton" (our kernels; under the Triton interpreter on a CPU) and "torch" (the same
@@ -9,7 +10,7 @@ stacked weights, however many adapters the batch holds; on a GPU one matmul pair
 import dataclasses
 import itertools
 import os
-from dataclasses import dataclass
+from dataclasses import dataclass, field
 
 import torch
 
@@ -34,6 +35,8 @@ class SlotWeights:
 
     a [L, S, R, d_in], b [S, N, R] with slice l in columns starts[l] : starts[l] + widths[l] of b
     and of the output; ranks / scales [L][S] (rank 0: no adapter on that slice in that slot).
+    DoRA: g, c [S, N] fp32, made when a DoRA adapter first fills a slot; g = 1, c = 0 elsewhere, which
+    leaves y as it is, bit for bit.
     """
 
     a: torch.Tensor
@@ -46,9 +49,16 @@ class SlotWeights:
     scale_t: torch.Tensor  # [L, S] fp32
     starts_t: torch.Tensor  # [L] int32
     widths_t: torch.Tensor
+    bias: torch.Tensor | None = None  # [N] fp32: the base layers' bias, which DoRA does not scale
+    g: torch.Tensor | None = None
+    c: torch.Tensor | None = None
+    dora: list[list[bool]] = field(default_factory=list)  # [L][S]
+    dora_t: torch.Tensor | None = None  # [S] int32: 1 where the slot's adapter is DoRA on some slice
 
     @classmethod
-    def allocate(cls, num_slots: int, max_rank: int, d_in: int, widths: list[int], dtype, device) -> "SlotWeights":
+    def allocate(
+        cls, num_slots: int, max_rank: int, d_in: int, widths: list[int], dtype, device, bias=None
+    ) -> "SlotWeights":
         starts = [sum(widths[:i]) for i in range(len(widths))]
         n = len(widths)
         kw = {"dtype": dtype, "device": device}
@@ -64,10 +74,14 @@ class SlotWeights:
             scale_t=torch.zeros(n, num_slots, dtype=torch.float32, device=device),
             starts_t=torch.tensor(starts, **as_int),
             widths_t=torch.tensor(widths, **as_int),
+            bias=None if bias is None else bias.detach().float().clone(),
+            dora=[[False] * num_slots for _ in widths],
+            dora_t=torch.zeros(num_slots, **as_int),
         )
 
-    def set(self, slot: int, sl: int, a: torch.Tensor | None, b: torch.Tensor | None, scale: float) -> None:
-        """Puts one adapter's (a [r, d_in], b [width, r], scale) for slice sl into slot; None clears it."""
+    def set(self, slot: int, sl: int, a, b, scale: float, g: torch.Tensor | None = None) -> None:
+        """Puts one adapter's (a [r, d_in], b [width, r], scale, DoRA's g [width] or None) for slice sl into
+        slot; a None clears it."""
         r = 0 if a is None else a.shape[0]
         cols = slice(self.starts[sl], self.starts[sl] + self.widths[sl])
         self.a[sl, slot].zero_()
@@ -77,6 +91,19 @@ class SlotWeights:
             self.b[slot, cols, :r].copy_(b)
         self.ranks[sl][slot], self.scales[sl][slot] = r, (scale if r else 0.0)
         self.rank_t[sl, slot], self.scale_t[sl, slot] = r, self.scales[sl][slot]
+        dora = r > 0 and g is not None
+        if dora and self.g is None:
+            self.g = torch.ones(self.b.shape[:2], dtype=torch.float32, device=self.b.device)
+            self.c = torch.zeros_like(self.g)
+        if self.g is not None:
+            self.g[slot, cols] = g if dora else 1.0
+            bias = 0.0 if self.bias is None else self.bias[cols]
+            self.c[slot, cols] = (1.0 - g) * bias if dora else 0.0
+        self.dora[sl][slot] = dora
+        self.dora_t[slot] = any(d[slot] for d in self.dora)
+
+    def dora_in(self, batch: Segments) -> bool:
+        return self.g is not None and any(d[slot] for d in self.dora for slot in batch.slot_set)
 
     def active(self, batch: Segments) -> bool:
         return any(ranks[slot] for ranks in self.ranks for slot in batch.slot_set)
@@ -147,6 +174,11 @@ class Rows:
     layout: Layout | None  # the torch path's
 
 
+def seg_args(seg: Segments) -> tuple:
+    """What every LoRA kernel launch takes of a step's segments."""
+    return seg.sorted_tokens, seg.slots, seg.starts, seg.lens, seg.max_len
+
+
 def variant_batches(config, max_rows: int, num_slots: int) -> list[tuple[int, int]]:
     """(rows, segments) of one batch per launch config that `config(rows, segments)` (the shrink launcher's
     choice) gives for up to max_rows rows. The choice depends on the batch only through its size (the split
@@ -175,10 +207,12 @@ class LoRAOps:
         self.backend = pick_backend(backend, device, "lora_backend")
         self.batched = torch.device(device).type != "cuda"  # the batched path (torch._grouped_mm) is for a CPU
         if self.backend == "triton":
-            from kernels.lora_expand import lora_expand  # here: after the interpreter was chosen
+            from kernels.dora_scale import dora_scale  # here: after the interpreter was chosen
+            from kernels.lora_expand import lora_expand
             from kernels.lora_shrink import lora_shrink, shrink_config
 
             self.shrink, self.expand, self.shrink_config = lora_shrink, lora_expand, shrink_config
+            self.dora_scale = dora_scale
 
     def rows(self, seg: Segments | None) -> Rows | None:
         """A step's metadata for the layers, built once per step; None when no row has an adapter."""
@@ -206,7 +240,10 @@ class LoRAOps:
             slots = [i * segments // rows for i in range(rows)]  # `segments` slots, ascending
             y = w.b.new_zeros(rows, w.b.shape[1])
             self.add(y, w.a.new_zeros(rows, d_in), full, self.rows(sorted_segments(slots, w.a.device)))
-        return len(batches)
+        ones = torch.ones(num_slots, w.b.shape[1], dtype=torch.float32, device=w.b.device)
+        seg = sorted_segments([0], w.a.device)  # DoRA's scale: one variant per width, whatever the batch
+        self.dora_scale(w.b.new_zeros(1, w.b.shape[1]), ones, ones - 1, torch.ones_like(w.dora_t), *seg_args(seg))
+        return len(batches) + 1
 
     def add(self, y: torch.Tensor, x: torch.Tensor, w: SlotWeights, rows: Rows) -> None:
         """y [T, N] += LoRA(x [T, d_in]) for every slice of w, in place."""
@@ -219,10 +256,28 @@ class LoRAOps:
                 self._add_per_adapter(y, x, w, seg)
             else:
                 self._add_batched(y, x, w, seg, rows.layout)
+            if w.dora_in(seg):
+                self._dora_scale(y, w, seg)
             return
-        args = (seg.sorted_tokens, seg.slots, seg.starts, seg.lens, seg.max_len)
+        args = seg_args(seg)
         t = self.shrink(x, w.a, w.rank_t, w.scale_t, *args)
         self.expand(y, t, w.b, w.rank_t, w.starts_t, w.widths_t, max(w.widths), *args)
+        if w.dora_in(seg):
+            self.dora_scale(y, w.g, w.c, w.dora_t, *args)
+
+    @staticmethod
+    def _dora_scale(y, w: SlotWeights, seg: Segments) -> None:
+        """y = g ⊙ y + c on the rows of each DoRA slot of the batch (fp32, as PEFT's fp32 forward)."""
+        for slot, start, n in seg.host:
+            if not any(d[slot] for d in w.dora):
+                continue
+            if seg.first is not None:
+                rows = y[seg.first + start : seg.first + start + n]
+                rows.copy_(torch.addcmul(w.c[slot], rows.float(), w.g[slot]))
+            else:
+                idx = seg.sorted_tokens[start : start + n].long()
+                scaled = torch.addcmul(w.c[slot], y.index_select(0, idx).float(), w.g[slot])
+                y.index_copy_(0, idx, scaled.to(y.dtype))
 
     @staticmethod
     def _add_batched(y, x, w: SlotWeights, seg: Segments, lay: Layout) -> None:

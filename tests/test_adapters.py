@@ -172,6 +172,20 @@ def edit_tensors(folder: Path, edit) -> None:
     save_file(edit(load_file(path)), path)
 
 
+def dora_without_use_dora(assets, dst):
+    copy_adapter(assets, dst)
+    edit_tensors(
+        dst, lambda t: {**t, "base_model.model.model.layers.0.self_attn.q_proj.lora_magnitude_vector": torch.ones(64)}
+    )
+
+
+def dora_magnitude_shape(assets, dst):
+    copy_adapter(assets, dst, use_dora=True)
+    names = {k.removesuffix(".lora_A.weight") for k in load_file(dst / WEIGHTS_FILE) if k.endswith("lora_A.weight")}
+    sizes = {n: 3 if n.endswith("layers.0.self_attn.q_proj") else 64 for n in names}
+    edit_tensors(dst, lambda t: {**t, **{f"{n}.lora_magnitude_vector": torch.ones(s) for n, s in sizes.items()}})
+
+
 def renamed_module(assets, dst):
     copy_adapter(assets, dst)
     edit_tensors(dst, lambda t: {k.replace("q_proj", "qq_proj"): v for k, v in t.items()})
@@ -228,7 +242,9 @@ def huge_weights(assets, dst):
         (other_arch, 64, "matches no layer of the base model"),
         (other_hidden_size, 64, "shape mismatch"),
         (lambda a, d: copy_adapter(a, d, "mlp-r64"), 32, "max_lora_rank"),
-        (lambda a, d: build_adapter(a / "base", d, r=4, target_modules=["q_proj"], use_dora=True), 64, "DoRA"),
+        (lambda a, d: copy_adapter(a, d, use_dora=True), 64, "lacks lora_A, lora_B or its DoRA magnitude"),
+        (dora_without_use_dora, 64, "is a DoRA magnitude, and adapter_config.json does not set use_dora"),
+        (dora_magnitude_shape, 64, "DoRA magnitude at 'model.layers.0.self_attn.q_proj' has shape (3,)"),
         (
             lambda a, d: build_adapter(a / "base", d, r=4, target_modules=["q_proj"], modules_to_save=["lm_head"]),
             64,
@@ -250,7 +266,9 @@ def huge_weights(assets, dst):
         "other-arch",
         "hidden-size",
         "rank",
-        "dora",
+        "dora-no-magnitude",
+        "dora-magnitude-no-use_dora",
+        "dora-magnitude-shape",
         "modules_to_save",
         "bin-only",
         "peft_type",

@@ -544,7 +544,7 @@ def test_unknown_adapter_fails_at_submit(assets):
 
 @pytest.fixture
 def error_dir(assets, tmp_path) -> Path:
-    """Adapters: qv-r4 and all-r16-pattern (copies), dora (qv-r4 with use_dora)."""
+    """Adapters: qv-r4 and all-r16-pattern (copies), dora (qv-r4 with use_dora set, but no magnitudes)."""
     root = tmp_path / "adapters"
     for name in ["qv-r4", "all-r16-pattern"]:
         shutil.copytree(assets / "adapters" / name, root / name)

@@ -57,10 +57,25 @@ def test_merged_conv1d_and_fused_layers_equal_peft(tmp_path, arch, targets):
     assert_weights_equal_peft(base, adapter, tmp_path / "merged")
 
 
+@pytest.mark.parametrize(
+    "arch, targets",
+    [("llama", ["q_proj", "v_proj", "down_proj", "lm_head"]), ("gpt2", ["c_attn", "c_proj"]), ("qwen2", "all-linear")],
+    ids=["llama-lm_head", "gpt2-conv1d", "qwen2-bias"],
+)
+def test_merged_dora_equals_peft(tmp_path, arch, targets):
+    """W' = g ⊙ (W + s·B·A) by output row, g = m / ‖W + s·B·A‖, as PEFT's merge_and_unload()."""
+    base = build_base(tmp_path / arch, arch=arch, vocab_size=128)
+    lora = dict(r=4, lora_alpha=8, target_modules=targets, use_dora=True, fan_in_fan_out=arch == "gpt2")
+    adapter = build_adapter(base, tmp_path / "adapters" / "a", seed=5, **lora)
+    assert_weights_equal_peft(base, adapter, tmp_path / "merged")
+
+
 def test_what_the_server_refuses_the_merge_refuses(assets, tmp_path, capsys):
-    dora = build_adapter(assets / "base", tmp_path / "adapters" / "dora", r=4, target_modules=["q_proj"], use_dora=True)
-    assert main(["--base", str(assets / "base"), "--adapter", str(dora), "--out", str(tmp_path / "m")]) == 2
-    assert "LoRA adapter 'dora': DoRA (use_dora) is not supported" in capsys.readouterr().err
+    saves = build_adapter(
+        assets / "base", tmp_path / "adapters" / "saves", r=4, target_modules=["q_proj"], modules_to_save=["lm_head"]
+    )
+    assert main(["--base", str(assets / "base"), "--adapter", str(saves), "--out", str(tmp_path / "m")]) == 2
+    assert "LoRA adapter 'saves': modules_to_save is not supported" in capsys.readouterr().err
     (tmp_path / "full").mkdir()
     (tmp_path / "full" / "x").write_text("")
     qv = str(assets / "adapters" / "qv-r4")

@@ -16,8 +16,9 @@ if not torch.cuda.is_available():
 from triton.backends.compiler import BaseBackend  # noqa: E402
 from triton.runtime.jit import native_specialize_impl  # noqa: E402
 
+from backend.demo import build_adapter  # noqa: E402
 from backend.lora_ops import variant_batches  # noqa: E402
-from kernels import lora_expand, lora_shrink, paged_attention  # noqa: E402
+from kernels import dora_scale, lora_expand, lora_shrink, paged_attention  # noqa: E402
 from tests.conftest import peft_generate  # noqa: E402
 from tests.test_engine import drive, make_engine, prompts, request, submit_all, warm  # noqa: E402
 
@@ -26,6 +27,7 @@ KERNELS = {
     "expand": lora_expand._lora_expand_kernel,
     "decode": paged_attention._paged_decode_kernel,
     "reduce": paged_attention._paged_reduce_kernel,
+    "dora": dora_scale._dora_scale_kernel,
 }
 
 
@@ -82,6 +84,19 @@ def test_traffic_launches_no_variant_the_warm_up_did_not(assets, peft_model, voc
     in_traffic = set(launches)
     assert {name for name, _ in in_traffic} >= {"shrink", "expand", "decode"}
     assert in_traffic <= at_load, sorted(in_traffic - at_load)
+    engine.shutdown()
+
+
+def test_dora_traffic_launches_no_variant_the_warm_up_did_not(assets, vocab, launches, tmp_path):
+    """DoRA's scale runs one variant per layer width: loading launches each, a DoRA request no other."""
+    build_adapter(assets / "base", tmp_path / "dora", seed=9, r=4, target_modules="all-linear", use_dora=True)
+    engine = make_engine(assets / "base", tmp_path, lora_backend="triton")
+    at_load = {v for name, v in launches if name == "dora"}
+    launches.clear()
+    outs = submit_all(engine, [request(prompts(vocab, [5])[0], "dora", 2)])
+    drive(engine, outs)
+    in_traffic = {v for name, v in launches if name == "dora"}
+    assert outs[0].final.error is None and in_traffic and in_traffic <= at_load
     engine.shutdown()
 
 
