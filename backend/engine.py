@@ -3,8 +3,10 @@
 One step = one forward over every running sequence: a decode token each, and prompt chunks of at most
 max_prefill_tokens in all, shortest prompt first, so a long prompt neither holds back the decoding nor
 a short prompt behind it. Each running sequence holds KV-cache blocks for its tokens and, if it names
-an adapter, a LoRA slot. When a growing sequence finds the cache full, the newest running sequence is
-preempted: it gives its blocks back and is fed again, prompt and output so far, when there is room.
+an adapter, a LoRA slot. A sequence whose first full blocks of tokens were computed before, under the
+same adapter version, shares their blocks and starts its prefill after them (prefix caching). When a
+growing sequence finds the cache full, the newest running sequence is preempted: it gives its blocks
+back and is fed again, prompt and output so far, when there is room.
 All torch work of the model (loading it too) runs on the engine's own thread: a second thread that
 ran torch ops would bring a second OpenMP team to compete for the same cores.
 """
@@ -22,6 +24,7 @@ import torch
 
 from backend.adapter_manager import AdapterManager, Want
 from backend.adapters import AdapterStore
+from backend.block_pool import BlockPool, chain_hashes
 from backend.config import EngineConfig
 from backend.device_faults import device_lost
 from backend.errors import (
@@ -65,7 +68,9 @@ class Sequence:
     blocks: list[int] = field(default_factory=list)  # its KV-cache blocks while it runs
     slot: int = -1  # its adapter's slot, held from admission to the end (through preemption)
     version: str = ""
-    cached: int = 0
+    cached: int = 0  # tokens whose K/V are in its blocks
+    hashes: list[bytes] = field(default_factory=list)  # chain hashes of its full blocks of tokens so far
+    shared: int = 0  # its first blocks that are findable by their hashes (prefix caching)
     passed_over: bool = False  # a prompt chunk was due and not fed last step: it goes first
     out_ids: list[int] = field(default_factory=list)
     out_logprobs: list[float] = field(default_factory=list)
@@ -142,6 +147,7 @@ class Engine:
             merged_lora=cfg.adapter_dir / self.merged if self.merged else None,
         )
         self.kv = self.runner.kv
+        self.blocks = BlockPool(self.kv.num_blocks, self.kv.block_size, cfg.enable_prefix_caching)
         self.warmup = warm_up(self.runner, cfg.max_prefill_tokens + cfg.max_num_seqs, cfg.max_num_seqs)
         store = AdapterStore(
             cfg.adapter_dir,
@@ -252,10 +258,10 @@ class Engine:
 
     def report(self) -> None:
         """The occupancy and residency gauges (the loop calls it after each step)."""
-        kv_blocks = self.kv.num_blocks - len(self.kv.free)
         self.metrics.occupancy(
-            len(self.running), self.adapters.slots_in_use, len(self.waiting), kv_blocks, self.kv.num_blocks
+            len(self.running), self.adapters.slots_in_use, len(self.waiting), self.blocks.in_use, self.kv.num_blocks
         )
+        self.metrics.prefix_cache(self.blocks.cached)
         wanted = {s.want.name for s in self.waiting if s.want and s.slot < 0}
         resident = self.adapters.resident()
         if self.merged:  # name each slot by the adapter requested, not by the mix that serves it
@@ -306,6 +312,7 @@ class Engine:
             return True
         for seq, n in work:
             seq.cached += n
+            self._share(seq)
         for seq, tok, lp in zip(sampled, tokens, logprobs):
             if tok is None:  # this sequence's logits are not finite: it alone fails
                 self._finish(seq, error=internal("the model produced non-finite logits for this request"))
@@ -334,11 +341,13 @@ class Engine:
         newest sequences are preempted to make it); then prompt chunks, shortest prompt first."""
         decoding = [s for s in self.running if len(s.tokens) - s.cached == 1]
         for seq in decoding:
-            while seq in self.running and not self.kv.grow(seq.blocks, len(seq.tokens)):
+            while seq in self.running and not self.blocks.grow(seq.blocks, len(seq.tokens)):
                 self._preempt(self.running[-1])
         fed = dict.fromkeys(decoding, 1)
         budget = self.cfg.max_prefill_tokens
         prompts = [s for s in self.running if len(s.tokens) - s.cached > 1]
+        for seq in prompts:
+            self._catch_up(seq)
         for seq in sorted(prompts, key=lambda s: (not s.passed_over, len(s.tokens) - s.cached)):
             fed[seq] = min(len(seq.tokens) - seq.cached, budget)
             seq.passed_over = fed[seq] == 0
@@ -349,14 +358,14 @@ class Engine:
         """Frees the sequence's blocks; it waits first in line, to be fed again from its first token. It
         keeps its adapter slot: it goes on with the weights it started with."""
         self._leave_running(seq)
-        seq.cached, seq.passed_over = 0, False
+        seq.cached, seq.shared, seq.passed_over = 0, 0, False
         self.waiting.appendleft(seq)
         self.metrics.inc("lora_engine_preemptions_total")
         log.info("KV cache full: request %s preempted after %d tokens", seq.req.id, len(seq.out_ids))
 
     def _leave_running(self, seq: Sequence) -> None:
         self.running.remove(seq)
-        self.kv.release(seq.blocks)
+        self.blocks.release(seq.blocks)
 
     def _admit(self) -> None:
         """Waiting sequences join in arrival order while there is a running place and KV blocks for all
@@ -364,11 +373,11 @@ class Engine:
         pass: base requests, and those whose adapter sits in a slot that is not kept for it."""
         self.adapters.begin_round([s.want for s in self.waiting if s.want is not None and s.slot < 0])
         for seq in list(self.waiting):
-            need = self.kv.blocks_for(len(seq.tokens))
+            need = self.blocks.blocks_for(len(seq.tokens))
             if need > self.kv.num_blocks:  # cannot happen while max_model_len fits the cache: never wait forever
                 self._finish(seq, error=internal(f"{len(seq.tokens)} tokens do not fit the KV cache"))
                 continue
-            if len(self.running) >= self.cfg.max_num_seqs or need > len(self.kv.free):
+            if len(self.running) >= self.cfg.max_num_seqs or need > len(self.blocks.free):
                 return
             # what can fail comes first: the sequence takes its blocks only once nothing can
             try:
@@ -387,9 +396,50 @@ class Engine:
                     return
                 continue
             self.waiting.remove(seq)
-            self.kv.grow(seq.blocks, len(seq.tokens))
+            self._take_blocks(seq)
             seq.generator = generator
             self.running.append(seq)
+
+    def cache_key(self, seq: Sequence) -> str:
+        """What computed a sequence's K/V besides its tokens: the adapter (or mix) that serves it, and its version."""
+        return f"{seq.want.name}@{seq.version}" if seq.want is not None else ""
+
+    def _take_blocks(self, seq: Sequence) -> None:
+        """Its blocks for all its tokens so far: the cached ones of its longest known prefix (at least its last
+        token left to compute, for its logits), then new ones. The admission checked room for all of them new."""
+        if self.blocks.caching:
+            bs = self.blocks.block_size
+            seq.hashes = chain_hashes(seq.tokens[: len(seq.tokens) - 1], bs, self.cache_key(seq), seq.hashes)
+            self.blocks.share(self.blocks.match(seq.hashes), seq.blocks)
+            seq.shared = len(seq.blocks)
+            seq.cached = seq.shared * bs
+            self.metrics.inc("lora_engine_prefix_cache_queries_total", len(seq.tokens))
+            self.metrics.inc("lora_engine_prefix_cache_hits_total", seq.cached)
+        self.blocks.grow(seq.blocks, len(seq.tokens))
+
+    def _catch_up(self, seq: Sequence) -> None:
+        """A prompt still being fed takes the full blocks that sequences admitted beside it have computed
+        since, in place of its own (not yet written, or written in part with the same K/V): requests that
+        arrive together with one system prompt compute it about once, not once each."""
+        bs = self.blocks.block_size
+        if not self.blocks.caching:
+            return
+        found = self.blocks.match(seq.hashes)
+        if len(found) * bs <= seq.cached:
+            return
+        self.blocks.swap(seq.blocks, seq.cached // bs, found[seq.cached // bs :])
+        self.metrics.inc("lora_engine_prefix_cache_hits_total", len(found) * bs - seq.cached)
+        seq.shared, seq.cached = len(found), len(found) * bs
+
+    def _share(self, seq: Sequence) -> None:
+        """Makes the blocks that the step filled findable by later sequences."""
+        full = seq.cached // self.blocks.block_size
+        if not self.blocks.caching or full <= seq.shared:
+            return
+        seq.hashes = chain_hashes(seq.tokens[: seq.cached], self.blocks.block_size, self.cache_key(seq), seq.hashes)
+        for i in range(seq.shared, full):
+            self.blocks.register(seq.blocks[i], seq.hashes[i])
+        seq.shared = full
 
     def _append(self, seq: Sequence, token: int, logprob: float) -> None:
         seq.tokens.append(token)

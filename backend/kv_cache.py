@@ -1,6 +1,7 @@
 """Paged KV cache: the K/V of every attention layer in fixed-size blocks of one shared pool. A sequence
 holds a block table (block ids in order) that grows as it does; nothing is reserved for the context it
-might reach. The pool is sized from a memory budget and allocated when the model loads."""
+might reach. The pool is sized from a memory budget and allocated when the model loads; who holds which
+block is backend/block_pool.py's."""
 
 import math
 import re
@@ -94,7 +95,7 @@ def plan_cache(
 
 class KVCache:
     """k[layer], v[layer]: [num_blocks * block_size, kv_heads, head_dim]; a token's row is
-    block * block_size + offset. The free list hands out blocks; sequences give them back."""
+    block * block_size + offset."""
 
     def __init__(self, plan: CachePlan, layers: list[LayerShape], dtype: torch.dtype, device: torch.device):
         self.plan = plan
@@ -102,7 +103,6 @@ class KVCache:
         rows = plan.num_blocks * plan.block_size
         self.k = [torch.zeros(rows, s.kv_heads, s.head_dim, dtype=dtype, device=device) for s in layers]
         self.v = [torch.zeros_like(k) for k in self.k]
-        self.free = list(range(plan.num_blocks - 1, -1, -1))
 
     @property
     def num_blocks(self) -> int:
@@ -110,16 +110,3 @@ class KVCache:
 
     def blocks_for(self, tokens: int) -> int:
         return -(-tokens // self.block_size)
-
-    def grow(self, table: list[int], tokens: int) -> bool:
-        """Extends `table` to hold `tokens` tokens; False (and nothing taken) if the pool is short."""
-        need = self.blocks_for(tokens) - len(table)
-        if need > len(self.free):
-            return False
-        for _ in range(max(need, 0)):
-            table.append(self.free.pop())
-        return True
-
-    def release(self, table: list[int]) -> None:
-        self.free.extend(reversed(table))
-        table.clear()

@@ -31,12 +31,16 @@ COUNTERS = {
     "lora_engine_steps_total": "Engine steps (one forward over the running batch)",
     "lora_engine_mixed_steps_total": "Engine steps whose batch held more than one adapter (the base counts as one)",
     "lora_engine_preemptions_total": "Running sequences preempted (fed again later) because the KV cache was full",
+    "lora_engine_prefix_cache_queries_total": "Tokens of admitted sequences looked up in the prefix cache",
+    "lora_engine_prefix_cache_hits_total": "Of those, tokens found: their K/V were not computed again",
 }
 GAUGES = {
     "lora_engine_max_adapters_per_step": "Most distinct adapters (the base counts as one) seen in one engine step",
     "lora_engine_running_sequences": "Sequences in the running batch",
     "lora_engine_waiting_requests": "Requests queued for a running place, KV-cache blocks, an adapter load or slot",
     "lora_kv_cache_blocks_in_use": "KV-cache blocks held by running sequences",
+    "lora_prefix_cache_blocks": "Full KV-cache blocks findable by their token chain (held or free, until reused)",
+    "lora_prefix_cache_hit_rate": "Prefix-cache hits over queries, in tokens, since the start",
     "lora_adapter_slots_in_use": "Adapter slots held by running sequences",
     "lora_adapter_loads_in_flight": "Adapter reads from disk under way",
     "lora_tier_bytes": "Bytes of adapter weights resident in a tier (device: at their real rank)",
@@ -165,6 +169,12 @@ class Metrics:
         self.gauge("vllm:num_requests_running", running)
         self.gauge("vllm:num_requests_waiting", waiting)
         self.gauge("vllm:kv_cache_usage_perc", kv_blocks / kv_total)
+
+    def prefix_cache(self, cached_blocks: int) -> None:
+        self.gauge("lora_prefix_cache_blocks", cached_blocks)
+        queries = self.values["lora_engine_prefix_cache_queries_total", ()]
+        hits = self.values["lora_engine_prefix_cache_hits_total", ()]
+        self.gauge("lora_prefix_cache_hit_rate", hits / queries if queries else 0.0)
 
     def cache_config(self, block_size: int, num_blocks: int) -> None:
         self.gauge("vllm:cache_config_info", 1, block_size=str(block_size), num_gpu_blocks=str(num_blocks))

@@ -124,7 +124,7 @@ def peft_logprobs(model, ids: list[int], adapter: str, out: list[int]) -> torch.
 
 
 def all_blocks_free(engine: Engine) -> bool:
-    return sorted(engine.kv.free) == list(range(engine.kv.num_blocks))
+    return sorted(engine.blocks.free) == list(range(engine.kv.num_blocks))
 
 
 def total(engine: Engine, metric: str) -> float:
@@ -357,7 +357,7 @@ def test_requests_join_and_leave_between_steps(assets, peft_model, vocab):
             else:
                 assert seq in engine.running and seq.blocks
         held = sum(len(s.blocks) for s in engine.running)
-        assert held + len(engine.kv.free) == engine.kv.num_blocks
+        assert held + len(engine.blocks.free) == engine.kv.num_blocks
     assert counts[0] == 4 and counts == sorted(counts, reverse=True) and counts[-1] == 0
     assert len(set(counts)) >= 3  # they left at different steps
     assert all_blocks_free(engine) and not engine.waiting
@@ -621,13 +621,17 @@ def test_cancellation_frees_blocks_and_slot(assets, peft_model, vocab):
     assert outs[2].final.error.code == "CANCELLED" and outs[2].final.token_ids == []
     (victim,) = [s for s in engine.running if s.emit is outs[0]]
     blocks, slot = list(victim.blocks), victim.slot
-    assert blocks and not set(blocks) & set(engine.kv.free)
+    assert blocks and not set(blocks) & set(engine.blocks.free)
     assert engine.adapters.slots[slot].refs == 1 and len(outs[0].outputs) == 3
     cancel.set()
     engine.step()
     assert outs[0].final.error is not None and outs[0].final.error.code == "CANCELLED"
     assert outs[0].final.token_ids == [] and len(outs[0].outputs) == 4
-    assert victim not in engine.running and set(blocks) <= set(engine.kv.free) and engine.adapters.slots[slot].refs == 0
+    assert (
+        victim not in engine.running
+        and set(blocks) <= set(engine.blocks.free)
+        and engine.adapters.slots[slot].refs == 0
+    )
     assert len(engine.running) == 1 and not outs[1].done.is_set()
     drive(engine, outs)
     assert outs[1].final.token_ids == peft_generate(peft_model, p[1], "mlp-r64", 6)

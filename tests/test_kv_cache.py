@@ -9,7 +9,7 @@ from transformers import AttentionInterface
 from backend import attention, model_runner
 from backend.attention import AttnArgs, UnsupportedAttention, attend
 from backend.config import EngineConfig
-from backend.kv_cache import KVCache, LayerShape, parse_budget, plan_cache
+from backend.kv_cache import LayerShape, parse_budget, plan_cache
 from backend.request import SamplingParams
 from tests.conftest import peft_generate
 from tests.test_engine import Collector, all_blocks_free, drive, make_engine, prompts, request, run_all, total, warm
@@ -40,17 +40,6 @@ def test_plan_holds_the_budget_and_no_more_than_needed():
         "the KV cache budget 64.0 KiB (65536 bytes) holds 128 tokens at 512 bytes per token; one sequence of "
         "max_model_len 256 needs 128.0 KiB. Raise kv_cache_memory or lower max_model_len."
     )
-
-
-def test_blocks_are_taken_and_given_back():
-    layers = [LayerShape(1, 4)]  # 32 bytes per token
-    cache = KVCache(plan_cache(layers, torch.float32, 10**6, 4, max_len=8, max_seqs=2), layers, torch.float32, "cpu")
-    a, b = [], []
-    assert cache.num_blocks == 4 and cache.grow(a, 5) and len(a) == 2
-    assert cache.grow(a, 8) and len(a) == 2 and cache.grow(b, 8) and not cache.grow(b, 9)
-    assert len(b) == 2 and not cache.free
-    cache.release(a)
-    assert a == [] and len(cache.free) == 2
 
 
 def test_a_budget_short_of_one_sequence_fails_the_load(assets):
