@@ -14,9 +14,10 @@ from transformers import AutoModelForCausalLM
 
 from backend.config import ENV_ADAPTER_DIR, ENV_BASE_MODEL
 from backend.demo import build_adapter, build_base
+from backend.hybrid import served_as
 from client.server import TritonServer
 from tests.conftest import NEVER, generate_together
-from tests.test_engine import drive, make_engine, prompts, request, submit_all
+from tests.test_engine import drive, make_engine, prompts, request, submit_all, warm
 
 DORA = {
     "dora-qv": dict(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"], use_dora=True),
@@ -88,6 +89,8 @@ class Reference:
 
 
 def check_against_peft(engine, model, ps: list[list[int]], names: list[str], max_tokens: int = 6) -> None:
+    """All in one step: their adapters are read first (what a request is served by, under hybrid serving)."""
+    warm(engine, *{served_as(n, engine.merged) if engine.merged else n for n in names} - {""})
     outs = submit_all(engine, [request(p, n, max_tokens) for p, n in zip(ps, names)])
     drive(engine, outs)
     assert engine.metrics.get("lora_engine_max_adapters_per_step") == len(set(names))  # the base counts as one

@@ -9,7 +9,7 @@ from backend.config import ENV_ADAPTER_DIR, ENV_BASE_MODEL
 from backend.hybrid import requested_as, served_as
 from client.server import TritonServer
 from tests.conftest import generate_together, peft_generate
-from tests.test_engine import Collector, drive, make_engine, prompts, request
+from tests.test_engine import Collector, drive, make_engine, prompts, request, warm
 
 HOT, OTHER = "qv-r4", "attn-r8-rslora"
 
@@ -38,6 +38,7 @@ def test_hot_other_and_base_in_one_step_equal_peft(assets, peft_model, vocab, en
     shutil.copytree(assets / "adapters" / "mlp-r64", adapters / HOT)
     ps = prompts(vocab, [5, 7, 9, 6], seed=14)
     names = [HOT, OTHER, "", HOT]
+    warm(engine, served_as(OTHER, HOT), served_as("", HOT))  # read first: all join the first step
     collectors = [Collector() for _ in names]
     for p, name, c in zip(ps, names, collectors):
         engine.submit(request(p, name, 6), c)
