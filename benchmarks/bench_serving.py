@@ -52,8 +52,8 @@ class Subject:
         self._send(asdict(shape))
         self._receive()
 
-    def run(self, w: Workload) -> dict:
-        self._send(asdict(w))
+    def run(self, w: Workload, seed: int) -> dict:
+        self._send(asdict(w) | {"seed": seed})
         return self._receive()
 
     def _send(self, obj) -> None:
@@ -121,14 +121,13 @@ def summarize(runs: dict, systems: list[str], loads: list[Workload]) -> list[dic
 
 
 def exact_count(replies: list[dict], peft: list[dict] | None) -> str:
-    """Requests whose greedy output equals PEFT's for the same request, over every round."""
+    """Requests whose greedy output equals PEFT's for the same request of the same round, over every round."""
     if not peft:
         return ""
-    reference = [q["output"] for q in peft[0]["requests"]]
     same = total = 0
-    for r in replies:
-        for q, ref in zip(r["requests"], reference):
-            same += q["output"] == ref
+    for r, p in zip(replies, peft):
+        for q, ref in zip(r["requests"], p["requests"]):
+            same += q["output"] == ref["output"]
             total += 1
     return f"{same}/{total}"
 
@@ -143,6 +142,8 @@ def targets(rows: list[dict], loads: list[Workload]) -> list[tuple[str, float, f
         r = by.get((s, w))
         return r[key] if r else float("nan")
 
+    prefix = kinds.get("prefix")
+    off = next((s for s in by_system(rows) if s.startswith("engine:") and "enable_prefix_caching=false" in s), "")
     wanted = [
         (distinct, f"server {distinct} vs PEFT {distinct}", get("server", distinct, "x_peft"), 2.0),
         (base, "engine base only vs PEFT base only", get("engine", base, "x_peft"), 1.2),
@@ -150,8 +151,18 @@ def targets(rows: list[dict], loads: list[Workload]) -> list[tuple[str, float, f
         (base, "server base only vs engine base only", get("server", base) / get("engine", base), 0.8),
         (zipf, f"engine {zipf} vs engine base only", get("engine", zipf, "x_base"), 0.5),
         (distinct, f"openai {distinct} vs server {distinct}", get("openai", distinct) / get("server", distinct), 0.85),
+        (
+            prefix,
+            f"engine {prefix}: TTFT p50 without the prefix cache over with it",
+            get(off, prefix, "ttft_p50_ms") / get("engine", prefix, "ttft_p50_ms"),
+            4.0,
+        ),
     ]
     return [(what, got, goal) for workload, what, got, goal in wanted if workload]
+
+
+def by_system(rows: list[dict]) -> list[str]:
+    return list(dict.fromkeys(r["system"] for r in rows))
 
 
 def machine(device: str) -> str:
@@ -179,7 +190,8 @@ def commit() -> str:
 
 
 def write(rows, loads, info: dict, out: Path, runs: dict) -> Path:
-    stem = out / f"serving-{info['shape_name']}-{slug(info['machine'])}-{info['date']}"
+    tag = f"{info['tag']}-" if info["tag"] else ""
+    stem = out / f"serving-{info['shape_name']}-{tag}{slug(info['machine'])}-{info['date']}"
     write_csv(rows, stem.with_suffix(".csv"))
     lines = [
         "# Serving benchmark: many LoRA adapters",
@@ -219,6 +231,8 @@ def write(rows, loads, info: dict, out: Path, runs: dict) -> Path:
 
 
 def prompt_tokens(w: Workload, info: dict) -> str:
+    if w.adapters == "prefix":
+        return f"{w.system_len} (its adapter's system prompt) + {w.prompt_len}"
     return f"{2 * w.prompt_len}-{8 * w.prompt_len}" if info["chat"] else str(w.prompt_len)
 
 
@@ -229,6 +243,7 @@ def describe(w: Workload) -> str:
         "distinct": f"{w.distinct} distinct, round-robin",
         "zipf": "80/20 popularity (80% of requests to the most popular 20%) over every adapter built",
         "hot": "80% name one adapter (a000), the rest spread over the others",
+        "prefix": f"{w.distinct} round-robin, each with its own system prompt (the same in every round)",
     }[w.adapters]
 
 
@@ -290,6 +305,7 @@ def main(argv=None) -> int:
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
     p.add_argument("--out", type=Path, default=ROOT / "benchmarks" / "results")
     p.add_argument("--assets", type=Path, help="where the model and adapters are built (default: .bench/<shape>)")
+    p.add_argument("--tag", default="", help="in the result files' names: a partial run keeps the day's full one")
     a = p.parse_args(argv)
     shape_name = a.shape or ("quick" if a.quick else "anchor")
     shape, rounds = SHAPES[shape_name], a.rounds or (1 if a.quick else 5)
@@ -315,7 +331,7 @@ def main(argv=None) -> int:
                 order = a.systems[rnd % len(a.systems) :] + a.systems[: rnd % len(a.systems)]
                 for s in order:
                     bar.set_description(f"round {rnd}/{rounds} {w.name} {s}")
-                    reply = subjects[s].run(w)
+                    reply = subjects[s].run(w, rnd)
                     if rnd:
                         runs.setdefault((s, w.name), []).append(reply)
                     bar.update()
@@ -331,6 +347,7 @@ def main(argv=None) -> int:
         commit=commit(),
         rounds=rounds,
         shape_name=shape_name,
+        tag=slug(a.tag) if a.tag else "",
         shape=", ".join(f"{k}={v}" for k, v in asdict(shape).items()),
         chat=bool(shape.base),
         prompts="chat-formatted prompts of 64-256 tokens (the model's chat template around docstring text)"

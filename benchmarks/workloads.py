@@ -28,7 +28,7 @@ class Shape:
     num_hidden_layers: int = 8
     num_attention_heads: int = 8
     num_key_value_heads: int = 4
-    max_position_embeddings: int = 512
+    max_position_embeddings: int = 1024  # the prefix workload's 512-token system prompts, turns and answers fit
     rank: int = 16
     alpha: int = 32
     targets: tuple[str, ...] = ("q_proj", "k_proj", "v_proj", "o_proj")
@@ -59,15 +59,25 @@ class Workload:
     name: str
     num_requests: int
     concurrency: int  # requests in flight at once (closed loop); PEFT runs batches of this size
-    adapters: str  # "base", "one", "distinct", "zipf" (the 80/20 popularity of client.perf_data), "hot" (HOT_SHARE)
-    distinct: int = 0  # for "distinct": adapters cycled over the requests
-    prompt_len: int = 32  # tokens; chat prompts: 2x..8x this
+    # "base", "one", "distinct", "zipf" (the 80/20 popularity of client.perf_data), "hot" (HOT_SHARE),
+    # "prefix" (`distinct` adapters round-robin, each with its own system prompt of `system_len` tokens)
+    adapters: str
+    distinct: int = 0  # for "distinct" and "prefix": adapters cycled over the requests
+    prompt_len: int = 32  # tokens; chat prompts: 2x..8x this; "prefix": the user turn after the system prompt
     new_tokens: int = 32
+    system_len: int = 0
+    seed: int = 0  # the round: each round sends other prompts (a prefix cache keeps no round's for the next)
 
-    def requests(self, shape: Shape, assets: Path, seed: int = 0) -> list[tuple[str, list[int]]]:
-        """(adapter name or "", prompt ids) per request; the same for every system and round."""
-        rng = random.Random(seed)
+    def requests(self, shape: Shape, assets: Path) -> list[tuple[str, list[int]]]:
+        """(adapter name or "", prompt ids) per request; the same for every system in a round."""
+        rng = random.Random(self.seed)
         names = adapter_names(shape)
+        if self.adapters == "prefix":  # system prompts stay from round to round, as a tenant's do
+            fixed = random.Random(-1)
+            systems = [[1] + [fixed.randrange(4, shape.vocab_size) for _ in range(self.system_len - 1)] for _ in names]
+            chosen = [i % self.distinct for i in range(self.num_requests)]
+            turns = [[rng.randrange(4, shape.vocab_size) for _ in range(self.prompt_len)] for _ in chosen]
+            return [(names[i], systems[i] + turn) for i, turn in zip(chosen, turns)]
         if shape.base:
             lengths = [rng.randint(2 * self.prompt_len, 8 * self.prompt_len) for _ in range(self.num_requests)]
             prompts = chat_prompts(assets / "base", lengths, rng)
@@ -116,6 +126,7 @@ def workloads(quick: bool = False, real: bool = False) -> list[Workload]:
     new = 8 if quick else 64 if real else 32  # real: 64 tokens after chat prompts of 64-256
     prompt = 8 if quick else 32
     slow_n = 16 if quick else 64 if real else 128
+    system = 64 if quick else 512
     return [
         Workload("base only", n, c, "base", prompt_len=prompt, new_tokens=new),
         Workload("1 adapter", n, c, "one", prompt_len=prompt, new_tokens=new),
@@ -123,6 +134,7 @@ def workloads(quick: bool = False, real: bool = False) -> list[Workload]:
         Workload(f"{n} distinct", n, c, "distinct", n, prompt_len=prompt, new_tokens=new),
         Workload("zipf 80/20", slow_n, c, "zipf", prompt_len=prompt, new_tokens=new),
         Workload("one hot 80%", slow_n, c, "hot", prompt_len=prompt, new_tokens=new),
+        Workload(f"prefix {n // 4}x{system}", 2 * n, c, "prefix", n // 4, prompt, new, system_len=system),
     ]
 
 

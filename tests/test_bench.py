@@ -35,13 +35,13 @@ def test_serving_benchmark_quick(tmp_path):
     assert done.returncode == 0, done.stdout[-3000:] + done.stderr[-3000:]
     (table,) = tmp_path.glob("serving-quick-*.csv")
     rows = list(csv.DictReader(table.open()))
-    assert {r["system"] for r in rows} == {"peft", "engine", "server", "openai"} and len(rows) == 24
+    assert {r["system"] for r in rows} == {"peft", "engine", "server", "openai"} and len(rows) == 28
     for r in rows:
         same, total = map(int, r["exact"].split("/"))
         assert same == total > 0 and r["errors"] == "0" and float(r["tok_s"]) > 0, r
     text = table.with_suffix(".md").read_text()
     assert "| target | measured | goal |" in text and "machine:" in text and "commit:" in text
-    assert "one hot 80%, by request group:" in text
+    assert "one hot 80%, by request group:" in text and "| prefix 2x64 |" in text
     assert table.with_suffix(".png").stat().st_size > 10_000
 
 
