@@ -167,7 +167,7 @@ class PagedAttention:
             if p.rows is None:
                 ks, vs = k[:, :, p.start : p.start + p.length], v[:, :, p.start : p.start + p.length]
             else:
-                ks, vs = self.k_cache[p.rows].transpose(0, 1)[None], self.v_cache[p.rows].transpose(0, 1)[None]
+                ks, vs = (c.index_select(0, p.rows).transpose(0, 1)[None] for c in (self.k_cache, self.v_cache))
             out[0, p.start : p.start + p.length] = attend(qs, ks, vs, args, p.kv_len - p.length)[0].transpose(0, 1)
         return out
 
@@ -186,6 +186,8 @@ class PagedAttention:
                 window=args.window,
                 sinks=args.sinks,
             )
-        k = self.k_cache[d.history].transpose(1, 2)  # [Bd, Hkv, n, D]
-        v = self.v_cache[d.history].transpose(1, 2)
+        # index_select, not cache[history]: half the time of advanced indexing for these gathers on a CPU
+        shape = (*d.history.shape, *self.k_cache.shape[1:])
+        k = self.k_cache.index_select(0, d.history.view(-1)).view(shape).transpose(1, 2)  # [Bd, Hkv, n, D]
+        v = self.v_cache.index_select(0, d.history.view(-1)).view(shape).transpose(1, 2)
         return attend(q[:, :, None], k, v, args, d.seq_lens.long() - 1)[:, :, 0]
