@@ -56,6 +56,7 @@ class DecodeMeta:
     block_tables: torch.Tensor  # [Bd, max_blocks] int32
     seq_lens: torch.Tensor  # [Bd] int32, keys in the cache including the new token
     history: torch.Tensor | None  # [Bd, n] cache rows of each sequence's keys, padding -> row 0 (CPU path)
+    seen: torch.Tensor | None = None  # [Bd, 1, n] the keys each token sees, its own included (CPU path)
 
 
 @dataclass(frozen=True)
@@ -99,19 +100,23 @@ def build_meta(seqs, block_size: int, device: torch.device, paged_kernel: bool) 
         if not paged_kernel:
             pos = torch.arange(int(lens.max()))
             history = tables.long().gather(1, (pos // block_size).expand(len(decode), -1)) * block_size
-            history = torch.where(pos < lens[:, None], history + pos % block_size, 0).to(device)
+            seen = pos < lens[:, None]
+            history = torch.where(seen, history + pos % block_size, 0).to(device)
+            seen = seen[:, None].to(device)
         meta = DecodeMeta(
             torch.tensor([s for s, _, _ in decode], dtype=torch.long, device=device),
             tables.to(device),
             lens.to(device),
             history,
+            seen if not paged_kernel else None,
         )
     return AttentionMeta(torch.tensor(slots, dtype=torch.long, device=device), meta, tuple(prefills))
 
 
-def attend(q, k, v, args: AttnArgs, q_start: int | torch.Tensor):
+def attend(q, k, v, args: AttnArgs, q_start: int | torch.Tensor, seen: torch.Tensor | None = None):
     """q [B, Hq, Lq, D]; k, v [B, Hkv, Lk, D]; query i is at position q_start + i (q_start: [B] or int) and
-    sees the keys up to it (and within the window); keys past it are padding. -> [B, Hq, Lq, D]"""
+    sees the keys up to it (and within the window); keys past it are padding. seen: that causal mask [B, Lq, Lk]
+    if the caller has it (built once a step, not in every layer). -> [B, Hq, Lq, D]"""
     lq, lk = q.shape[2], k.shape[2]
     plain = not args.softcap and args.sinks is None
     if plain and lq == lk and not (args.window and lk > args.window):
@@ -123,11 +128,14 @@ def attend(q, k, v, args: AttnArgs, q_start: int | torch.Tensor):
             seen = q_start + i + rows  # keys past the slice's last query are masked anyway
             parts.append(attend(q[:, :, i : i + rows], k[:, :, :seen], v[:, :, :seen], args, q_start + i))
         return torch.cat(parts, 2)
-    qpos = torch.as_tensor(q_start, device=q.device).view(-1, 1, 1) + torch.arange(lq, device=q.device)[:, None]
-    kpos = torch.arange(lk, device=q.device)
-    mask = kpos <= qpos  # [B or 1, Lq, Lk]
-    if args.window:
-        mask &= qpos - kpos < args.window
+    if seen is None or args.window:
+        qpos = torch.as_tensor(q_start, device=q.device).view(-1, 1, 1) + torch.arange(lq, device=q.device)[:, None]
+        kpos = torch.arange(lk, device=q.device)
+        mask = kpos <= qpos  # [B or 1, Lq, Lk]
+        if args.window:
+            mask &= qpos - kpos < args.window
+    else:
+        mask = seen
     if plain:
         return F.scaled_dot_product_attention(q, k, v, attn_mask=mask[:, None], scale=args.scale, enable_gqa=True)
     group = q.shape[1] // k.shape[1]
@@ -159,6 +167,8 @@ class PagedAttention:
         # q: [1, Hq, T, D]; k, v: [1, Hkv, T, D] for the new tokens -> [1, T, Hq, D]
         self.k_cache.index_copy_(0, meta.slots, k[0].transpose(0, 1))
         self.v_cache.index_copy_(0, meta.slots, v[0].transpose(0, 1))
+        if meta.decode is not None and not meta.prefills:  # every token decodes, in step order: no scatter
+            return self._decode(q[0].transpose(0, 1), meta.decode, args)[None]
         out = torch.empty(1, q.shape[2], q.shape[1], q.shape[3], dtype=q.dtype, device=q.device)
         if meta.decode is not None:
             out[0, meta.decode.idx] = self._decode(q[0, :, meta.decode.idx].transpose(0, 1), meta.decode, args)
@@ -190,4 +200,4 @@ class PagedAttention:
         shape = (*d.history.shape, *self.k_cache.shape[1:])
         k = self.k_cache.index_select(0, d.history.view(-1)).view(shape).transpose(1, 2)  # [Bd, Hkv, n, D]
         v = self.v_cache.index_select(0, d.history.view(-1)).view(shape).transpose(1, 2)
-        return attend(q[:, :, None], k, v, args, d.seq_lens.long() - 1)[:, :, 0]
+        return attend(q[:, :, None], k, v, args, d.seq_lens.long() - 1, d.seen)[:, :, 0]

@@ -14,7 +14,7 @@ from pathlib import Path
 import torch
 from transformers import AttentionInterface, AutoModelForCausalLM
 
-from backend import dense, lora_ops
+from backend import dense, fused, lora_ops
 from backend.attention import AttentionMeta, AttnArgs, PagedAttention, UnsupportedAttention, build_meta
 from backend.config import context_length
 from backend.hybrid import merge_at_load
@@ -153,6 +153,7 @@ class ModelRunner:
             embeddings = (m for m in self.model.modules() if isinstance(m, torch.nn.Embedding))
             dense.pack_linears(self.model, {m.weight.data_ptr() for m in embeddings})
             dense.own_memory(self.model)
+        fused.fuse_norms(self.model)
         self.lora_on_output = isinstance(self.model.get_output_embeddings(), LoRALinear)
         self.step: StepBatch | None = None
         self.rope = per_sequence_rope(self.model, self.arch, lambda: self.step and self.step.spans)

@@ -38,6 +38,8 @@ class Shape:
 
 ANCHOR = Shape()
 SMOLLM2 = Shape(vocab_size=49152, num_hidden_layers=30, max_position_embeddings=8192, num_adapters=64, base="smollm2")
+# Per-step overhead shows: 32 thin layers, where host work per layer and per step weighs most.
+DEEP = Shape(hidden_size=128, intermediate_size=344, num_hidden_layers=32, num_attention_heads=4, num_key_value_heads=2)
 QUICK = Shape(vocab_size=600, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_adapters=12)
 # For a GPU: a ~1B-parameter Llama (TinyLlama's layers; the vocabulary is what the local tokenizer reaches).
 ONE_B = Shape(
