@@ -19,7 +19,7 @@ import triton
 from triton.backends.compiler import GPUTarget
 from triton.compiler import ASTSource
 
-from kernels import dora_scale, lora_expand, lora_shrink, paged_attention
+from kernels import dora_scale, lora_expand, lora_shrink, paged_attention, paged_prefill
 
 # dtype -> (torch dtype, PRECISION the launcher passes on a GPU)
 DTYPES = {"fp32": (torch.float32, "ieee"), "fp16": (torch.float16, "tf32"), "bf16": (torch.bfloat16, "tf32")}
@@ -118,6 +118,23 @@ def paged_reduce_variants():
             yield "paged_reduce", paged_attention._paged_reduce_kernel, dt, sig, dict(BLOCK_D=bd, HAS_SINKS=sinks)
 
 
+def paged_prefill_variants():
+    """Every (BLOCK_M, BLOCK_N, BLOCK_D) prefill_config picks over HEAD_DIMS x GROUPS, with and without sinks."""
+    for dt, (dtype, prec) in DTYPES.items():
+        sig = dict.fromkeys(["q_ptr", "k_ptr", "v_ptr", "out_ptr"], f"*{dt}")
+        sig |= dict.fromkeys(["block_table_ptr", "q_start_ptr", "q_len_ptr", "kv_len_ptr"], "*i32")
+        sig |= {"sink_ptr": "*fp32"} | dict.fromkeys(["scale", "softcap"], "fp32")
+        sig |= dict.fromkeys(["window", "block_size", "group", "head_dim"], "i32")
+        sig |= {f"stride_{s}": "i32" for s in ["qt", "qh", "kb", "kt", "kh", "vb", "vt", "vh", "ot", "oh", "bt"]}
+        configs = {
+            tuple(sorted(paged_prefill.prefill_config(d, g, dtype).items()))
+            for d, g in itertools.product(HEAD_DIMS, GROUPS)
+        }
+        for cfg, sinks in itertools.product(sorted(configs), [False, True]):
+            consts = {**dict(cfg), "HAS_SINKS": sinks, "PRECISION": prec, "UPCAST": False}
+            yield "paged_prefill", paged_prefill._paged_prefill_kernel, dt, sig, consts
+
+
 # Arguments Triton's launcher finds to be multiples of 16 and specializes on (pointers; strides and sizes when
 # the head dim is a multiple of 16): without them the paged kernels' gathers would not vectorize here.
 ALIGNED = {
@@ -127,6 +144,10 @@ ALIGNED = {
         *(f"stride_{s}" for s in ["qb", "qh", "kb", "kt", "kh", "vb", "vt", "vh", "ob", "oh"]),
     ],
     "paged_reduce": ["head_dim", "split_len", "stride_ob", "stride_oh"],
+    "paged_prefill": [
+        "head_dim",
+        *(f"stride_{s}" for s in ["qt", "qh", "kb", "kt", "kh", "vb", "vt", "vh", "ot", "oh"]),
+    ],
 }
 
 
@@ -154,6 +175,7 @@ def variants():
         *dora_scale_variants(),
         *paged_decode_variants(),
         *paged_reduce_variants(),
+        *paged_prefill_variants(),
     ]
 
 
