@@ -1,9 +1,11 @@
 """Attention over the paged KV cache for a flat batch of tokens from many sequences.
 
-Every token's K/V is written to its cache row first. Decode tokens (one per sequence) attend in one
-call: on a GPU the paged decode kernel reads K/V where they lie; on a CPU one gather of the rows and
-one SDPA measured fastest. A prefill chunk attends per sequence: to its own K/V when nothing is cached
-before it, else to its cached rows. Soft-capping and sinks, which SDPA lacks, take the explicit path.
+Every token's K/V is written to its cache row first. On a GPU (paged_kernel) two kernels read K/V where
+they lie: the paged prefill kernel for every prompt chunk of the step at once, whatever is cached before
+it, and the paged decode kernel for the decode tokens (one per sequence). On a CPU one gather of the rows
+and one SDPA for the decode tokens measured fastest, and a prompt chunk attends per sequence: to its own
+K/V when nothing is cached before it, else to its gathered rows (one masked call for all the chunks was
+slower). Soft-capping and sinks, which SDPA lacks, take the explicit path.
 """
 
 from dataclasses import dataclass
@@ -68,10 +70,22 @@ class PrefillMeta:
 
 
 @dataclass(frozen=True)
+class ChunksMeta:
+    """Every prompt chunk of a step, for the paged prefill kernel."""
+
+    block_tables: torch.Tensor  # [B, max_blocks] int32
+    q_starts: torch.Tensor  # [B] int32: first token of each chunk in the step
+    q_lens: torch.Tensor  # [B] int32
+    kv_lens: torch.Tensor  # [B] int32: keys after this step, the chunk's own included
+    max_q_len: int
+
+
+@dataclass(frozen=True)
 class AttentionMeta:
     slots: torch.Tensor  # [T] cache row each token's K/V is written to
     decode: DecodeMeta | None
-    prefills: tuple[PrefillMeta, ...]
+    prefills: tuple[PrefillMeta, ...]  # the CPU path's
+    chunks: ChunksMeta | None = None  # the same chunks, for the GPU's paged prefill kernel
 
 
 def cache_rows(table: list[int], start: int, end: int, block_size: int) -> list[int]:
@@ -81,11 +95,13 @@ def cache_rows(table: list[int], start: int, end: int, block_size: int) -> list[
 
 def build_meta(seqs, block_size: int, device: torch.device, paged_kernel: bool) -> AttentionMeta:
     """seqs: (block table, start in the step, tokens fed, tokens cached before) per sequence, in step order."""
-    slots, decode, prefills = [], [], []
+    slots, decode, prefills, chunks = [], [], [], []
     for table, start, length, cached in seqs:
         slots += cache_rows(table, cached, cached + length, block_size)
         if length == 1:
             decode.append((start, table, cached + 1))
+        elif paged_kernel:
+            chunks.append((table, start, length, cached + length))
         else:
             rows = None
             if cached:
@@ -110,7 +126,19 @@ def build_meta(seqs, block_size: int, device: torch.device, paged_kernel: bool) 
             history,
             seen if not paged_kernel else None,
         )
-    return AttentionMeta(torch.tensor(slots, dtype=torch.long, device=device), meta, tuple(prefills))
+    slots = torch.tensor(slots, dtype=torch.long, device=device)
+    return AttentionMeta(slots, meta, tuple(prefills), chunks_meta(chunks, device) if chunks else None)
+
+
+def chunks_meta(chunks: list[tuple[list[int], int, int, int]], device: torch.device) -> ChunksMeta:
+    """chunks: (block table, start in the step, tokens fed, keys after the step) per prompt chunk."""
+    width = max(len(t) for t, _, _, _ in chunks)
+    tables = torch.tensor([t + [0] * (width - len(t)) for t, _, _, _ in chunks], dtype=torch.int32)
+    columns = torch.zeros(3, -(-len(chunks) // 4) * 4, dtype=torch.int32)  # rows 16-byte aligned, as kernels specialize
+    columns[:, : len(chunks)] = torch.tensor([c[1:] for c in chunks], dtype=torch.int32).T
+    columns = columns.to(device)
+    b = len(chunks)
+    return ChunksMeta(tables.to(device), columns[0, :b], columns[1, :b], columns[2, :b], max(c[2] for c in chunks))
 
 
 def attend(q, k, v, args: AttnArgs, q_start: int | torch.Tensor, seen: torch.Tensor | None = None):
@@ -157,18 +185,21 @@ class PagedAttention:
 
     def __init__(self, k_cache: torch.Tensor, v_cache: torch.Tensor, block_size: int, paged_kernel: bool):
         self.k_cache, self.v_cache, self.block_size = k_cache, v_cache, block_size
-        self.kernel = None
+        self.kernel = self.prefill_kernel = None
         if paged_kernel:
             from kernels.paged_attention import paged_decode_attention
+            from kernels.paged_prefill import paged_prefill_attention
 
-            self.kernel = paged_decode_attention
+            self.kernel, self.prefill_kernel = paged_decode_attention, paged_prefill_attention
 
     def __call__(self, q, k, v, meta: AttentionMeta, args: AttnArgs) -> torch.Tensor:
         # q: [1, Hq, T, D]; k, v: [1, Hkv, T, D] for the new tokens -> [1, T, Hq, D]
         self.k_cache.index_copy_(0, meta.slots, k[0].transpose(0, 1))
         self.v_cache.index_copy_(0, meta.slots, v[0].transpose(0, 1))
-        if meta.decode is not None and not meta.prefills:  # every token decodes, in step order: no scatter
+        if meta.decode is not None and not meta.prefills and meta.chunks is None:  # all decode, in step order
             return self._decode(q[0].transpose(0, 1), meta.decode, args)[None]
+        if meta.chunks is not None:
+            return self._chunks(q[0].transpose(0, 1), meta, args)[None]
         out = torch.empty(1, q.shape[2], q.shape[1], q.shape[3], dtype=q.dtype, device=q.device)
         if meta.decode is not None:
             out[0, meta.decode.idx] = self._decode(q[0, :, meta.decode.idx].transpose(0, 1), meta.decode, args)
@@ -179,6 +210,27 @@ class PagedAttention:
             else:
                 ks, vs = (c.index_select(0, p.rows).transpose(0, 1)[None] for c in (self.k_cache, self.v_cache))
             out[0, p.start : p.start + p.length] = attend(qs, ks, vs, args, p.kv_len - p.length)[0].transpose(0, 1)
+        return out
+
+    def _chunks(self, q: torch.Tensor, meta: AttentionMeta, args: AttnArgs) -> torch.Tensor:
+        # q: [T, Hq, D] -> [T, Hq, D]: the prompt chunks by the paged prefill kernel, then the decode tokens
+        c, shape = meta.chunks, (-1, self.block_size, *self.k_cache.shape[1:])
+        out = self.prefill_kernel(
+            q,
+            self.k_cache.view(shape),
+            self.v_cache.view(shape),
+            c.block_tables,
+            c.q_starts,
+            c.q_lens,
+            c.kv_lens,
+            args.scale,
+            softcap=args.softcap,
+            window=args.window,
+            sinks=args.sinks,
+            max_q_len=c.max_q_len,
+        )
+        if meta.decode is not None:
+            out[meta.decode.idx] = self._decode(q[meta.decode.idx], meta.decode, args)
         return out
 
     def _decode(self, q: torch.Tensor, d: DecodeMeta, args: AttnArgs) -> torch.Tensor:

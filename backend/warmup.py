@@ -6,7 +6,9 @@ Triton compiles one binary per set of constexpr values and per specialization of
 of K in lora_shrink (by the rows and segments of a batch), of the context in the paged decode (by the
 batch and its longest block table). LoRA: each distinct set of slot weights runs the batches that pick
 each split. Attention: two decode steps of one token through the model, with a block table of one block
-and of a whole context, reach every layer's variants with its own arguments (window, soft-cap, sinks)."""
+and of a whole context, and one step of a two-token prompt (the paged prefill kernel, whose variant
+depends on no size of the batch), reach every layer's variants with its own arguments (window, soft-cap,
+sinks)."""
 
 import logging
 import time
@@ -29,7 +31,7 @@ def warm_up(runner: ModelRunner, max_rows: int, max_seqs: int) -> str:
     if runner.device.type == "cuda":
         torch.cuda.synchronize(runner.device)
     took = time.perf_counter() - start
-    line = f"kernel warm-up: {lora} LoRA and {decode} decode-attention batches in {took:.1f} s"
+    line = f"kernel warm-up: {lora} LoRA and {decode} attention batches in {took:.1f} s"
     log.info(line)
     return line
 
@@ -45,12 +47,14 @@ def lora_variants(runner: ModelRunner, max_rows: int, max_seqs: int) -> int:
 
 
 def decode_variants(runner: ModelRunner) -> int:
-    """Decode steps run. Their K/V go to block 0, which is free at load and zeroed again afterwards."""
+    """Decode steps run, and a prompt step. Their K/V go to block 0, which is free at load and zeroed again
+    afterwards."""
     if not runner.paged_kernel:
         return 0
     widths = sorted({1, runner.kv.blocks_for(runner.max_len)})
     for width in widths:
         runner.forward(runner.make_step([SeqWork([0] * width, [0], 0, -1)]))
+    runner.forward(runner.make_step([SeqWork([0], [0, 0], 0, -1)]))
     for cache in (*runner.kv.k, *runner.kv.v):
         cache[: runner.block_size].zero_()
-    return len(widths)
+    return len(widths) + 1

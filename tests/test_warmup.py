@@ -18,7 +18,7 @@ from triton.runtime.jit import native_specialize_impl  # noqa: E402
 
 from backend.demo import build_adapter  # noqa: E402
 from backend.lora_ops import variant_batches  # noqa: E402
-from kernels import dora_scale, lora_expand, lora_shrink, paged_attention  # noqa: E402
+from kernels import dora_scale, lora_expand, lora_shrink, paged_attention, paged_prefill  # noqa: E402
 from tests.conftest import peft_generate  # noqa: E402
 from tests.test_engine import drive, make_engine, prompts, request, submit_all, warm  # noqa: E402
 
@@ -28,6 +28,7 @@ KERNELS = {
     "decode": paged_attention._paged_decode_kernel,
     "reduce": paged_attention._paged_reduce_kernel,
     "dora": dora_scale._dora_scale_kernel,
+    "prefill": paged_prefill._paged_prefill_kernel,
 }
 
 
@@ -69,7 +70,7 @@ def test_traffic_launches_no_variant_the_warm_up_did_not(assets, peft_model, voc
     engine = make_engine(assets / "base", assets / "adapters", **kw)
     assert engine.warmup.startswith("kernel warm-up: ")
     at_load = set(launches)
-    assert {name for name, _ in at_load} >= {"shrink", "expand", "decode"}
+    assert {name for name, _ in at_load} >= {"shrink", "expand", "decode", "prefill"}
     assert all(rank == 0 for layer in engine.runner.lora.layers.values() for ranks in layer.w.ranks for rank in ranks)
     assert all(int(cache.count_nonzero()) == 0 for cache in (*engine.kv.k, *engine.kv.v))
 
@@ -82,7 +83,7 @@ def test_traffic_launches_no_variant_the_warm_up_did_not(assets, peft_model, voc
     for p, name, c in zip(ps, names, outs):
         assert c.final.error is None and c.token_ids == peft_generate(peft_model, p, name, 2)
     in_traffic = set(launches)
-    assert {name for name, _ in in_traffic} >= {"shrink", "expand", "decode"}
+    assert {name for name, _ in in_traffic} >= {"shrink", "expand", "decode", "prefill"}
     assert in_traffic <= at_load, sorted(in_traffic - at_load)
     engine.shutdown()
 
