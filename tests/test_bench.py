@@ -58,3 +58,35 @@ def test_soak_smoke(tmp_path):
     (report,) = tmp_path.glob("soak-*.md")
     text = report.read_text()
     assert "result: passed" in text and "left in flight: 0; tritonserver exit code 0" in text
+
+
+@pytest.mark.heavy
+@pytest.mark.skipif(
+    not (ROOT / ".venv-vllm" / "bin" / "python").exists(), reason="no .venv-vllm (make bench-vllm-setup)"
+)
+def test_vllm_subject(tmp_path):
+    """vLLM's CPU backend as a bench subject (benchmarks/vllm_subject.py under .venv-vllm), on a tiny model
+    whose head size (32) vLLM's CPU attention takes: base and adapter requests, 4 in flight of 8, 3 adapters
+    for 2 slots (max_loras=2), each with new_tokens tokens, a time for each, and the greedy output PEFT's
+    subject gives for the same request."""
+    from benchmarks.bench_serving import Subject
+    from benchmarks.workloads import Shape, Workload, build_assets
+
+    shape = Shape(
+        vocab_size=600, hidden_size=64, intermediate_size=128, num_hidden_layers=2, num_attention_heads=2,
+        num_key_value_heads=1, num_adapters=4,
+    )  # fmt: skip
+    assets = build_assets(tmp_path / "assets", shape)
+    loads = [Workload("base", 8, 4, "base", prompt_len=8, new_tokens=8), Workload("3", 8, 4, "distinct", 3)]
+    replies = {}
+    for system in ("peft", "vllm:max_loras=2"):
+        subject = Subject(system, assets, shape, "cpu", "float32", tmp_path / f"{system.split(':')[0]}.log")
+        try:
+            replies[system.split(":")[0]] = [subject.run(w, seed=1)["requests"] for w in loads]
+        finally:
+            subject.close()
+    for w, peft, vllm in zip(loads, replies["peft"], replies["vllm"]):
+        assert [q["output"] for q in vllm] == [q["output"] for q in peft], w.name
+        for q in vllm:
+            assert len(q["output"]) == len(q["t_tokens"]) == w.new_tokens and q["t_tokens"][0] > q["t_submit"]
+    assert {q["adapter"] for q in replies["vllm"][1]} == {"a000", "a001", "a002"}
