@@ -9,7 +9,7 @@ from pathlib import Path
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 DEMO_DIR = REPO_ROOT / ".demo"  # the real demo: demo/build.py
-RANDOM_DEMO_DIR = DEMO_DIR / "random"  # the tiny random one: backend/demo.py
+RANDOM_DEMO_DIR = DEMO_DIR / "random"  # the tiny random one: demo/builders.py
 ENV_PREFIX = "LORA_"
 ENV_BASE_MODEL = "LORA_BASE_MODEL"
 ENV_ADAPTER_DIR = "LORA_ADAPTER_DIR"

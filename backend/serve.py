@@ -61,7 +61,13 @@ def main() -> int:
     try:
         if not wait_until(f"http://localhost:{p['HTTP_PORT']}/v2/health/ready", triton, 600) or stop.is_set():
             return triton.poll() or 1
-        front_cmd = [sys.executable, "-m", "backend.openai_server", "--triton-url", f"localhost:{p['GRPC_PORT']}"]
+        front_cmd = [
+            sys.executable,
+            "-m",
+            "backend.serving.openai_server",
+            "--triton-url",
+            f"localhost:{p['GRPC_PORT']}",
+        ]
         front_cmd += ["--model-dir", str(model_dir), "--adapter-dir", str(adapter_dir), "--port", str(p["OPENAI_PORT"])]
         front = subprocess.Popen(front_cmd, env=env, cwd=REPO_ROOT, start_new_session=True)
         if wait_until(f"http://localhost:{p['OPENAI_PORT']}/health", front, 60):

@@ -26,11 +26,11 @@ ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from backend.cluster import THREADS, Cluster, start_cluster  # noqa: E402
 from backend.config import ENV_ADAPTER_DIR, ENV_BASE_MODEL  # noqa: E402
-from backend.demo import DEMO_ADAPTERS, build_random_demo  # noqa: E402
 from benchmarks.bench_serving import commit, machine  # noqa: E402
 from benchmarks.report import slug  # noqa: E402
 from client.api import routing_headers  # noqa: E402
 from client.server import TritonServer  # noqa: E402
+from demo.builders import DEMO_ADAPTERS, build_random_demo  # noqa: E402
 
 PROMPT = "The quick brown fox jumps over the lazy dog, and then"
 

@@ -29,7 +29,7 @@ if not torch.cuda.is_available():
     os.environ["TRITON_INTERPRET"] = "1"  # before the kernels are imported
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
-from backend.lora_ops import LoRAOps, SlotWeights  # noqa: E402
+from backend.lora.ops import LoRAOps, SlotWeights  # noqa: E402
 from benchmarks.report import slug, write_csv  # noqa: E402
 from kernels.lora_expand import lora_expand, lora_expand_ref  # noqa: E402
 from kernels.lora_shrink import lora_shrink, lora_shrink_ref  # noqa: E402

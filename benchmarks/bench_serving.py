@@ -24,7 +24,7 @@ from pathlib import Path
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from benchmarks.report import slug, write_csv  # noqa: E402
-from benchmarks.workloads import ANCHOR, ONE_B, QUICK, SMOLLM2, Workload, build_assets, workloads  # noqa: E402
+from benchmarks.workloads import ANCHOR, DEEP, ONE_B, QUICK, SMOLLM2, Workload, build_assets, workloads  # noqa: E402
 
 SYSTEMS = ["peft", "engine", "server", "openai"]
 # vLLM's CPU backend (benchmarks/vllm_subject.py) in its own venv: a default system once `make bench-vllm-setup`
@@ -37,7 +37,7 @@ LABELS = {
     "openai": "OpenAI server, streamed completions",
     "vllm": "vLLM CPU, offline engine",
 }
-SHAPES = {"anchor": ANCHOR, "quick": QUICK, "1b": ONE_B, "smollm2": SMOLLM2}
+SHAPES = {"anchor": ANCHOR, "quick": QUICK, "1b": ONE_B, "smollm2": SMOLLM2, "deep": DEEP}
 
 
 class Subject:

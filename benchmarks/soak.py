@@ -30,11 +30,11 @@ import psutil
 ROOT = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(ROOT))
 from backend.config import ENV_ADAPTER_DIR, ENV_BASE_MODEL  # noqa: E402
-from backend.demo import DEMO_ADAPTERS, build_random_demo  # noqa: E402
 from benchmarks.bench_serving import commit, machine  # noqa: E402
 from benchmarks.report import slug  # noqa: E402
 from client.api import InferenceServerException, infer, stream  # noqa: E402
 from client.server import TritonServer  # noqa: E402
+from demo.builders import DEMO_ADAPTERS, build_random_demo  # noqa: E402
 
 ADAPTERS = [None, *DEMO_ADAPTERS]
 MISSING = "soak-missing-adapter"  # its requests must get NOT_FOUND

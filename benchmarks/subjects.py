@@ -99,11 +99,11 @@ class Peft:
 
 
 class InProcess:
-    """backend.engine.Engine in this process; a closed loop keeps `concurrency` requests in flight."""
+    """backend.engine.engine.Engine in this process; a closed loop keeps `concurrency` requests in flight."""
 
     def __init__(self, assets: Path, shape: Shape, device: str, dtype: str, settings: dict[str, str]):
         from backend.config import EngineConfig
-        from backend.engine import Engine
+        from backend.engine.engine import Engine
 
         params, env = split_settings({"device": device, "dtype": dtype} | settings)
         os.environ.update(env)
@@ -111,7 +111,7 @@ class InProcess:
         self.engine = Engine(EngineConfig.from_parameters(params | paths, env={})).start()
 
     def run(self, w: Workload, reqs: list[tuple[str, list[int]]]) -> list[dict]:
-        from backend.request import GenerationRequest
+        from backend.engine.request import GenerationRequest
 
         records: list[dict] = []
         done = threading.Event()

@@ -16,8 +16,8 @@ from peft import LoraConfig, get_peft_model
 from peft.tuners.lora import LoraLayer
 from transformers import AutoModelForCausalLM
 
-from backend.demo import build_model
 from client.perf_data import choose
+from demo.builders import build_model
 
 
 @dataclass(frozen=True)
@@ -106,7 +106,7 @@ def chat_prompts(model_dir: Path, lengths: list[int], rng: random.Random) -> lis
     message cut from standard-library docstrings."""
     from transformers import AutoTokenizer
 
-    from backend.demo import corpus
+    from demo.builders import corpus
 
     tokenizer = AutoTokenizer.from_pretrained(model_dir)
     marker = "\x00"

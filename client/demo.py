@@ -16,7 +16,7 @@ import openai
 
 from backend.config import ENV_ADAPTER_DIR, ENV_BASE_MODEL
 from backend.naming import adapter_folders
-from backend.openai_server.chat import ChatTemplate, read_template
+from backend.serving.openai_server.chat import ChatTemplate, read_template
 from client.api import infer, stream
 from client.server import OpenAIServer, TritonServer
 
@@ -27,7 +27,7 @@ DOORS = ("openai", "lora_text", "ensemble")
 
 def build(random: bool) -> Path:
     if random:
-        from backend.demo import build_random_demo
+        from demo.builders import build_random_demo
 
         return build_random_demo()
     from demo.build import build_demo

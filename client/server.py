@@ -170,7 +170,7 @@ class TritonServer:
 
 @dataclass
 class OpenAIServer:
-    """The OpenAI server (python -m backend.openai_server) in front of a running tritonserver."""
+    """The OpenAI server (python -m backend.serving.openai_server) in front of a running tritonserver."""
 
     triton_url: str
     model_dir: Path | None = None  # the base model folder (its tokenizer); None: the server's default
@@ -185,7 +185,15 @@ class OpenAIServer:
         return f"http://localhost:{self.port}"
 
     def start(self, timeout: float = 60.0, wait_ready: bool = True) -> "OpenAIServer":
-        cmd = [sys.executable, "-m", "backend.openai_server", "--triton-url", self.triton_url, "--port", str(self.port)]
+        cmd = [
+            sys.executable,
+            "-m",
+            "backend.serving.openai_server",
+            "--triton-url",
+            self.triton_url,
+            "--port",
+            str(self.port),
+        ]
         cmd += [*self.folder_args(), "--host", "127.0.0.1", *self.args]
         self.log_path = Path(self.log_path or Path(os.environ.get("TMPDIR", "/tmp")) / f"openai-{self.port}.log")
         with open(self.log_path, "w") as log:

@@ -46,7 +46,7 @@ def main(argv=None) -> None:
     p.add_argument("--random", action="store_true", help="the tiny random model in .demo/random instead")
     a = p.parse_args(argv)
     if a.random:
-        from backend.demo import build_random_demo
+        from demo.builders import build_random_demo
 
         print(build_random_demo())
     else:

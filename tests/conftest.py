@@ -8,9 +8,9 @@ import pytest
 import torch
 
 from backend.config import ENV_ADAPTER_DIR, ENV_BASE_MODEL
-from backend.demo import DEMO_ADAPTERS, build_adapter, build_model
 from client.api import generate
 from client.server import TritonServer
+from demo.builders import DEMO_ADAPTERS, build_adapter, build_model
 
 ADAPTERS = DEMO_ADAPTERS  # ranks 4..64; targets as list, regex, all-linear; rsLoRA; rank/alpha_pattern
 NEVER = -1  # an end_id no token has: a request runs its max_tokens

@@ -10,10 +10,10 @@ from concurrent.futures import ThreadPoolExecutor
 import torch
 
 from backend.config import ENV_ADAPTER_DIR, ENV_BASE_MODEL
-from backend.demo import build_adapter_farm
 from client.api import generate
 from client.perf_data import choose
 from client.server import TritonServer
+from demo.builders import build_adapter_farm
 from tests.conftest import peft_generate
 
 ADAPTERS, DISTINCT, HOLD, SLOTS = 1000, 300, 100, 8

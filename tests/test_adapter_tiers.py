@@ -7,9 +7,9 @@ import time
 
 import pytest
 
-from backend.adapters import AdapterStore
-from backend.demo import build_adapter, build_model
-from backend.engine import Output
+from backend.engine.engine import Output
+from backend.lora.adapters import AdapterStore
+from demo.builders import build_adapter, build_model
 from tests.conftest import NEVER, peft_generate
 from tests.test_engine import Collector, drive, make_engine, prompts, request, warm
 

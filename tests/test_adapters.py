@@ -1,4 +1,4 @@
-"""backend/adapters.py against PEFT itself: what PEFT's model holds after loading an adapter is what we load."""
+"""backend/lora/adapters.py against PEFT itself: what PEFT's model holds after loading an adapter is what we load."""
 
 import json
 import math
@@ -15,16 +15,16 @@ from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 from transformers.pytorch_utils import Conv1D
 
-from backend.adapters import CONFIG_FILE, WEIGHTS_FILE, AdapterStore, check_name, module_scale, select_targets
-from backend.demo import DEMO_ADAPTERS, build_adapter, build_base
 from backend.errors import RequestError
-from backend.model_runner import ModelRunner
+from backend.lora.adapters import CONFIG_FILE, WEIGHTS_FILE, AdapterStore, check_name, module_scale, select_targets
+from backend.model.runner import ModelRunner
+from demo.builders import DEMO_ADAPTERS, build_adapter, build_base
 
 PREFIX = "base_model.model."
 
 
 def make_store(base: Path, adapters: Path, max_rank: int = 64) -> AdapterStore:
-    """As backend/engine.py builds it: shapes and module names from a ModelRunner on the base."""
+    """As backend/engine/engine.py builds it: shapes and module names from a ModelRunner on the base."""
     runner = ModelRunner(
         base, dtype=torch.float32, device="cpu", max_seqs=1, max_len=32, num_slots=1, max_rank=max_rank
     )

@@ -9,8 +9,8 @@ import pytest
 import torch
 
 from backend.config import instance_device
-from backend.device_faults import device_lost
 from backend.errors import RequestError
+from backend.model.device_faults import device_lost
 from tests.conftest import peft_generate
 from tests.test_engine import WAIT_S, Collector, all_blocks_free, make_engine, prompts, request, run_all, warm
 

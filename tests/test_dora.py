@@ -13,9 +13,9 @@ from peft import PeftModel
 from transformers import AutoModelForCausalLM
 
 from backend.config import ENV_ADAPTER_DIR, ENV_BASE_MODEL
-from backend.demo import build_adapter, build_base
-from backend.hybrid import served_as
+from backend.model.hybrid import served_as
 from client.server import TritonServer
+from demo.builders import build_adapter, build_base
 from tests.conftest import NEVER, generate_together
 from tests.test_engine import drive, make_engine, prompts, request, submit_all, warm
 

@@ -14,10 +14,10 @@ from peft import LoraConfig, PeftModel, get_peft_model
 from transformers import AutoModelForCausalLM
 
 from backend.config import EngineConfig
-from backend.demo import build_adapter, build_base
-from backend.engine import Engine, Output
+from backend.engine.engine import Engine, Output
+from backend.engine.request import GenerationRequest, SamplingParams
 from backend.errors import RequestError
-from backend.request import GenerationRequest, SamplingParams
+from demo.builders import build_adapter, build_base
 from tests.conftest import ADAPTERS, peft_generate
 
 WAIT_S = 60.0
@@ -296,11 +296,11 @@ def test_lora_on_output_layer_matches_peft(assets, vocab, tmp_path, chunk):
 
 def test_model_loads_and_steps_on_the_engine_thread(assets, monkeypatch):
     """All torch work of the model runs on one thread (one OpenMP team), with the configured thread count."""
-    import backend.engine
+    import backend.engine.engine
 
     seen = []
 
-    class Runner(backend.engine.ModelRunner):
+    class Runner(backend.engine.engine.ModelRunner):
         def __init__(self, *a, **kw):
             seen.append(("load", threading.current_thread().name, torch.get_num_threads()))
             super().__init__(*a, **kw)
@@ -309,7 +309,7 @@ def test_model_loads_and_steps_on_the_engine_thread(assets, monkeypatch):
             seen.append(("step", threading.current_thread().name, torch.get_num_threads()))
             return super().forward(step)
 
-    monkeypatch.setattr(backend.engine, "ModelRunner", Runner)
+    monkeypatch.setattr(backend.engine.engine, "ModelRunner", Runner)
     engine = make_engine(assets / "base", assets / "adapters", num_threads=1).start()
     try:
         run_all(engine, [request([1, 5, 6], "qv-r4", max_tokens=2)])
@@ -750,7 +750,7 @@ def test_injected_failures_leave_no_leak(assets, peft_model, vocab, monkeypatch,
     """A failure at admission, in the forward, in sampling or in emitting fails at most the requests of
     that step (INTERNAL); every request gets a final output, rows and slots all return to free, and
     the requests after it are served as before."""
-    import backend.engine as engine_module
+    import backend.engine.engine as engine_module
 
     engine = warm(make_engine(assets / "base", assets / "adapters", max_num_seqs=4), "qv-r4", "mlp-r64")
     if stage == "admit":

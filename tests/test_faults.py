@@ -17,11 +17,11 @@ import pytest
 import tritonclient.grpc as grpcclient
 from tritonclient.utils import InferenceServerException
 
-from backend.adapters import WEIGHTS_FILE
 from backend.config import ENV_ADAPTER_DIR, ENV_BASE_MODEL
-from backend.demo import DEMO_ADAPTERS, build_adapter, build_model
+from backend.lora.adapters import WEIGHTS_FILE
 from client.api import generate, infer, make_inputs
 from client.server import OpenAIServer, TritonServer, copy_repository
+from demo.builders import DEMO_ADAPTERS, build_adapter, build_model
 
 LONG = 3000  # tokens a long request asks for: seconds of generation
 

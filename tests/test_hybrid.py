@@ -6,7 +6,7 @@ import shutil
 import pytest
 
 from backend.config import ENV_ADAPTER_DIR, ENV_BASE_MODEL
-from backend.hybrid import requested_as, served_as
+from backend.model.hybrid import requested_as, served_as
 from client.server import TritonServer
 from tests.conftest import generate_together, peft_generate
 from tests.test_engine import Collector, drive, make_engine, prompts, request, warm

@@ -237,4 +237,4 @@ def test_only_the_wrapper_imports_kernels():
                 names += [node.module or ""] if isinstance(node, ast.ImportFrom) else []
                 if any(n == "kernels" or n.startswith("kernels.") for n in names):
                     importers.add(str(path.relative_to(root)))
-    assert importers == {"backend/lora_ops.py", "backend/attention.py"}  # the LoRA and the attention wrappers
+    assert importers == {"backend/lora/ops.py", "backend/model/attention.py"}  # the LoRA and the attention wrappers

@@ -6,11 +6,12 @@ import pytest
 import torch
 from transformers import AttentionInterface
 
-from backend import attention, model_runner
-from backend.attention import AttnArgs, UnsupportedAttention, attend
 from backend.config import EngineConfig
-from backend.kv_cache import LayerShape, parse_budget, plan_cache
-from backend.request import SamplingParams
+from backend.engine.request import SamplingParams
+from backend.model import attention
+from backend.model import runner as model_runner
+from backend.model.attention import AttnArgs, UnsupportedAttention, attend
+from backend.model.kv_cache import LayerShape, parse_budget, plan_cache
 from tests.conftest import peft_generate
 from tests.test_engine import Collector, all_blocks_free, drive, make_engine, prompts, request, run_all, total, warm
 

@@ -1,4 +1,4 @@
-"""The torch LoRA path (backend/lora_ops.py) against the plain per-adapter formulation, over its three
+"""The torch LoRA path (backend/lora/ops.py) against the plain per-adapter formulation, over its three
 layouts (padded in place, padded with gaps, grouped matmul), rows in place or gathered, fused slices,
 mixed ranks and base-only tokens; and the layers' refusal of a token count their step does not have."""
 
@@ -7,8 +7,8 @@ import random
 import pytest
 import torch
 
-from backend import lora_ops
-from backend.lora_layers import LoRAContext, LoRALinear, LoRAStep
+from backend.lora import ops as lora_ops
+from backend.lora.layers import LoRAContext, LoRALinear, LoRAStep
 
 # dtype -> (atol, rtol); the per-adapter reference computes in fp32 and rounds once, the batched path in the dtype
 TOLERANCE = {torch.float32: (1e-5, 1e-5), torch.bfloat16: (2.5e-1, 2e-2)}

@@ -11,10 +11,10 @@ import pytest
 import tritonclient.http as httpclient
 
 from backend.config import ENV_ADAPTER_DIR, ENV_BASE_MODEL, EngineConfig
-from backend.demo import build_adapter, build_model
-from backend.engine import Engine
+from backend.engine.engine import Engine
 from client.api import generate
 from client.server import TritonServer
+from demo.builders import build_adapter, build_model
 
 MB = 2**20
 
@@ -115,7 +115,7 @@ def long_context(tmp_path_factory):
 
 def runtime_rss() -> int:
     """Resident bytes of a Python process that has imported what the engine's stub imports."""
-    code = "import psutil, torch, transformers, peft, backend.engine; print(psutil.Process().memory_info().rss)"
+    code = "import psutil, torch, transformers, peft, backend.engine.engine; print(psutil.Process().memory_info().rss)"
     return int(subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, check=True).stdout)
 
 

@@ -10,10 +10,10 @@ from safetensors.torch import load_file
 from transformers import AutoModelForCausalLM
 
 from backend.config import ENV_ADAPTER_DIR, ENV_BASE_MODEL
-from backend.demo import build_adapter, build_base
 from backend.merge import INFO_FILE, main
 from client.api import generate
 from client.server import TritonServer
+from demo.builders import build_adapter, build_base
 from tests.conftest import ADAPTERS, NEVER
 from tests.test_engine import prompts
 

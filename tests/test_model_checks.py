@@ -8,9 +8,9 @@ import torch
 from torch import nn
 from transformers import AutoConfig, AutoModelForCausalLM
 
-from backend.demo import build_base
-from backend.model_checks import UnsupportedModel, check_layers
-from backend.model_runner import ModelRunner
+from backend.model.checks import UnsupportedModel, check_layers
+from backend.model.runner import ModelRunner
+from demo.builders import build_base
 
 NOT_SERVED = r"quantized bases \(FP8, AWQ, GPTQ, bitsandbytes, compressed-tensors\) are not served yet"
 

@@ -1,4 +1,4 @@
-"""The OpenAI server (its own process, python -m backend.openai_server) in front of the session's real
+"""The OpenAI server (its own process, python -m backend.serving.openai_server) in front of the session's real
 tritonserver, driven by the official `openai` SDK; greedy outputs checked against PEFT."""
 
 import json
@@ -17,7 +17,7 @@ import pytest
 from transformers import AutoTokenizer
 
 from backend.config import ENV_ADAPTER_DIR, ENV_BASE_MODEL
-from backend.text import TextCodec
+from backend.serving.text import TextCodec
 from client.server import OpenAIServer, free_port, http_status, terminate
 from tests.conftest import ADAPTERS, MIX, peft_generate
 from tests.test_server import mixed_requests, wait_idle

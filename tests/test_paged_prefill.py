@@ -26,7 +26,7 @@ DEVICE = torch.device("cuda" if torch.cuda.is_available() else "cpu")
 if DEVICE.type == "cpu":
     os.environ["TRITON_INTERPRET"] = "1"  # before the kernels are imported
 
-from backend.attention import AttnArgs, attend  # noqa: E402
+from backend.model.attention import AttnArgs, attend  # noqa: E402
 from kernels.paged_prefill import (  # noqa: E402
     paged_prefill_attention,
     paged_prefill_reference,
@@ -226,7 +226,7 @@ def test_softcap_changes_the_output():
 
 @pytest.mark.parametrize("case", [Case(torch.float32, 64, 4, 20, 30.0, True), Case(torch.float32, 80, 1, 0, 0.0)])
 def test_reference_is_backend_attend(case):
-    """The reference's semantics are backend.attention.attend's: each chunk against its keys gathered in order."""
+    """The reference's semantics are backend.model.attention.attend's: each chunk against its keys gathered in order."""
     args, kw = build(case, chunks=[(45, 0), (17, 64), (30, 3)])
     q, k_cache, v_cache, table, q_starts, q_lens, kv_lens, scale = args
     ref = paged_prefill_reference(*args, **kw)

@@ -6,7 +6,7 @@ import shutil
 
 import pytest
 
-from backend.block_pool import BlockPool, chain_hashes
+from backend.engine.block_pool import BlockPool, chain_hashes
 from tests.conftest import peft_generate
 from tests.test_engine import all_blocks_free, drive, make_engine, prompts, request, submit_all, total, warm
 

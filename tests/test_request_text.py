@@ -1,4 +1,4 @@
-"""backend/request.py (parse_request) and backend/text.py (TextCodec, StreamChunker)."""
+"""backend/engine/request.py (parse_request) and backend/serving/text.py (TextCodec, StreamChunker)."""
 
 import json
 import random
@@ -7,10 +7,10 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
-from backend.demo import corpus
+from backend.engine.request import Limits, parse_request
 from backend.errors import RequestError
-from backend.request import Limits, parse_request
-from backend.text import StopStrings, StreamChunker, TextCodec, check_stop_strings
+from backend.serving.text import StopStrings, StreamChunker, TextCodec, check_stop_strings
+from demo.builders import corpus
 
 LIMITS = Limits(vocab_size=100, max_model_len=32, default_max_tokens=16, max_tokens_limit=20, eos_ids=(2, 7))
 

@@ -1,5 +1,5 @@
-"""RoPE per sequence (backend/rope.py). transformers' longrope and dynamic rope types take their frequencies
-from the largest position in the batch; the engine runs a whole step as one row, so without backend/rope.py a
+"""RoPE per sequence (backend/model/rope.py). transformers' longrope and dynamic rope types take their frequencies
+from the largest position in the batch; the engine runs a whole step as one row, so without backend/model/rope.py a
 long sequence changes the logits of a short one in the same step. fp32 on CPU, random tiny models."""
 
 import pytest
@@ -8,10 +8,10 @@ from peft import PeftModel
 from transformers import AutoConfig, AutoModelForCausalLM
 
 from backend.config import context_length
-from backend.demo import build_adapter, build_base
-from backend.model_checks import UnsupportedModel
-from backend.model_runner import ModelRunner, SeqWork
-from backend.rope import per_sequence_rope
+from backend.model.checks import UnsupportedModel
+from backend.model.rope import per_sequence_rope
+from backend.model.runner import ModelRunner, SeqWork
+from demo.builders import build_adapter, build_base
 from tests.conftest import peft_generate
 from tests.test_engine import make_engine, prompts, request, run_all
 
@@ -113,7 +113,7 @@ def test_sequences_in_one_step_equal_each_alone(rope_base, monkeypatch):
         for i, alone in enumerate(work):
             assert_same(together[i], logits(run, [alone])[0])
 
-    monkeypatch.setattr("backend.model_runner.per_sequence_rope", lambda *a: [])
+    monkeypatch.setattr("backend.model.runner.per_sequence_rope", lambda *a: [])
     plain = runner(rope_base / "base")  # the premise: one row's RoPE follows its longest sequence
     assert differ(logits(plain, prefill)[0], logits(plain, prefill[:1])[0])
 

@@ -9,11 +9,11 @@ import pytest
 
 @pytest.fixture
 def stops(tmp_path, monkeypatch):
-    pb_utils = types.ModuleType("triton_python_backend_utils")  # what backend.triton_io reads at import
+    pb_utils = types.ModuleType("triton_python_backend_utils")  # what backend.serving.triton_io reads at import
     pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL = 1
     monkeypatch.setitem(sys.modules, "triton_python_backend_utils", pb_utils)
-    monkeypatch.delitem(sys.modules, "backend.triton_io", raising=False)  # imported afresh, forgotten after
-    from backend.triton_io import StopFiles
+    monkeypatch.delitem(sys.modules, "backend.serving.triton_io", raising=False)  # imported afresh, forgotten after
+    from backend.serving.triton_io import StopFiles
 
     return StopFiles(str(tmp_path))
 

@@ -16,8 +16,8 @@ if not torch.cuda.is_available():
 from triton.backends.compiler import BaseBackend  # noqa: E402
 from triton.runtime.jit import native_specialize_impl  # noqa: E402
 
-from backend.demo import build_adapter  # noqa: E402
-from backend.lora_ops import variant_batches  # noqa: E402
+from backend.lora.ops import variant_batches  # noqa: E402
+from demo.builders import build_adapter  # noqa: E402
 from kernels import dora_scale, lora_expand, lora_shrink, paged_attention, paged_prefill  # noqa: E402
 from tests.conftest import peft_generate  # noqa: E402
 from tests.test_engine import drive, make_engine, prompts, request, submit_all, warm  # noqa: E402

@@ -1,6 +1,6 @@
-"""Streaming text front door (gRPC streams, HTTP generate_stream): see backend/text_door.py."""
+"""Streaming text front door (gRPC streams, HTTP generate_stream): see backend/serving/text_door.py."""
 
-from backend.text_door import TextDoor
+from backend.serving.text_door import TextDoor
 
 
 class TritonPythonModel(TextDoor):

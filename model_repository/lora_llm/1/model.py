@@ -5,13 +5,13 @@ import dataclasses
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from backend import triton_io as io
 from backend.config import EngineConfig, instance_device
-from backend.engine import Engine, Output
+from backend.engine.engine import Engine, Output
+from backend.engine.request import GenerationRequest, parse_request
 from backend.errors import RequestError, internal, invalid
 from backend.metrics import TritonMetrics
-from backend.request import GenerationRequest, parse_request
-from backend.text import StreamChunker, TextCodec, has_tokenizer
+from backend.serving import triton_io as io
+from backend.serving.text import StreamChunker, TextCodec, has_tokenizer
 
 
 class TritonPythonModel:

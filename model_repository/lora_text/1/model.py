@@ -1,6 +1,6 @@
-"""Unary text front door (tritonclient HTTP / gRPC `infer`): see backend/text_door.py."""
+"""Unary text front door (tritonclient HTTP / gRPC `infer`): see backend/serving/text_door.py."""
 
-from backend.text_door import TextDoor
+from backend.serving.text_door import TextDoor
 
 
 class TritonPythonModel(TextDoor):

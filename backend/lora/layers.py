@@ -7,8 +7,8 @@ import torch
 from torch import nn
 from transformers.pytorch_utils import Conv1D
 
-from backend import lora_ops
-from backend.adapters import select_targets
+from backend.lora import ops as lora_ops
+from backend.lora.adapters import select_targets
 
 
 def layer_dims(layer: nn.Module) -> tuple[int, int]:

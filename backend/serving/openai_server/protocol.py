@@ -5,7 +5,7 @@ from typing import Literal
 
 from pydantic import BaseModel, ConfigDict, Field, field_validator
 
-from backend.text import MAX_STOP_STRINGS
+from backend.serving.text import MAX_STOP_STRINGS
 
 # field -> (the values served, why others are not): a field we would otherwise have to ignore
 ONLY = {

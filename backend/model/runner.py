@@ -2,7 +2,7 @@
 
 All tokens of a step (prefill chunks and decode tokens of every running sequence) go through the
 model as one row [1, T], so each linear layer, and its LoRA deltas, sees the whole mixed batch at
-once. Attention is ours (backend.attention): each token's K/V goes to its sequence's blocks of the
+once. Attention is ours (backend.model.attention): each token's K/V goes to its sequence's blocks of the
 paged cache and it attends within its sequence. Works for any model that calls transformers'
 attention interface (Llama, Mistral, Qwen2, Phi-3, Gemma-2, GPT-2, ...) with arguments we apply.
 """
@@ -14,14 +14,15 @@ from pathlib import Path
 import torch
 from transformers import AttentionInterface, AutoModelForCausalLM
 
-from backend import dense, fused, lora_ops
-from backend.attention import AttentionMeta, AttnArgs, PagedAttention, UnsupportedAttention, build_meta
 from backend.config import context_length
-from backend.hybrid import merge_at_load
-from backend.kv_cache import KVCache, LayerShape, budget_bytes, fmt_bytes, plan_cache
-from backend.lora_layers import LoRAContext, LoRALinear, LoRAStep, wrap_model
-from backend.model_checks import check_config, check_layers
-from backend.rope import per_sequence_rope
+from backend.lora import ops as lora_ops
+from backend.lora.layers import LoRAContext, LoRALinear, LoRAStep, wrap_model
+from backend.model import dense, fused
+from backend.model.attention import AttentionMeta, AttnArgs, PagedAttention, UnsupportedAttention, build_meta
+from backend.model.checks import check_config, check_layers
+from backend.model.hybrid import merge_at_load
+from backend.model.kv_cache import KVCache, LayerShape, budget_bytes, fmt_bytes, plan_cache
+from backend.model.rope import per_sequence_rope
 
 log = logging.getLogger("lora_engine")
 ATTENTION = "lora_engine"

@@ -4,8 +4,8 @@ for in the generated text only (never across the prompt), and the generation can
 from collections.abc import AsyncIterator
 from dataclasses import dataclass, field
 
-from backend.openai_server.engine_client import EngineClient, Piece
-from backend.text import StopStrings, StreamChunker, TextCodec
+from backend.serving.openai_server.engine_client import EngineClient, Piece
+from backend.serving.text import StopStrings, StreamChunker, TextCodec
 
 
 @dataclass

@@ -15,7 +15,7 @@ import time
 
 import torch
 
-from backend.model_runner import ModelRunner, SeqWork
+from backend.model.runner import ModelRunner, SeqWork
 
 log = logging.getLogger("lora_engine")
 

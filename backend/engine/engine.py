@@ -22,11 +22,10 @@ from dataclasses import dataclass, field
 
 import torch
 
-from backend.adapter_manager import AdapterManager, Want
-from backend.adapters import AdapterStore
-from backend.block_pool import BlockPool, chain_hashes
 from backend.config import EngineConfig
-from backend.device_faults import device_lost
+from backend.engine.block_pool import BlockPool, chain_hashes
+from backend.engine.request import GenerationRequest, Limits
+from backend.engine.sampling import Controls, make_generator, sample
 from backend.errors import (
     RequestError,
     cancelled,
@@ -37,14 +36,15 @@ from backend.errors import (
     invalid,
     unavailable,
 )
-from backend.hybrid import requested_as, served_as
-from backend.kv_cache import parse_budget
+from backend.lora.adapters import AdapterStore
+from backend.lora.manager import AdapterManager, Want
 from backend.metrics import Metrics
-from backend.model_runner import ModelRunner, SeqWork
+from backend.model.device_faults import device_lost
+from backend.model.hybrid import requested_as, served_as
+from backend.model.kv_cache import parse_budget
+from backend.model.runner import ModelRunner, SeqWork
+from backend.model.warmup import warm_up
 from backend.naming import check_name
-from backend.request import GenerationRequest, Limits
-from backend.sampling import Controls, make_generator, sample
-from backend.warmup import warm_up
 
 log = logging.getLogger("lora_engine")
 

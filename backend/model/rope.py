@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import torch
 from torch import nn
 
-from backend.model_checks import UnsupportedModel
+from backend.model.checks import UnsupportedModel
 
 Spans = tuple[tuple[int, int, int], ...]  # (first token, tokens, whole length) of each sequence of a step
 

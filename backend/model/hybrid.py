@@ -10,9 +10,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from backend.adapters import Adapter
-from backend.lora_layers import linear_modules
-from backend.merge import merge, read_adapter
+from backend.lora.adapters import Adapter
+from backend.lora.layers import linear_modules
+from backend.model.weights import merge, read_adapter
 from backend.naming import lora_key, parse_mix
 
 

@@ -4,9 +4,9 @@ and for chat, with usage, log-probs and vLLM's return_token_ids."""
 import time
 import uuid
 
-from backend.openai_server.generation import Delta
-from backend.openai_server.protocol import Generation
-from backend.text import TextCodec
+from backend.serving.openai_server.generation import Delta
+from backend.serving.openai_server.protocol import Generation
+from backend.serving.text import TextCodec
 
 
 class View:

@@ -1,7 +1,7 @@
 """Paged KV cache: the K/V of every attention layer in fixed-size blocks of one shared pool. A sequence
 holds a block table (block ids in order) that grows as it does; nothing is reserved for the context it
 might reach. The pool is sized from a memory budget and allocated when the model loads; who holds which
-block is backend/block_pool.py's."""
+block is backend/engine/block_pool.py's."""
 
 import math
 import re

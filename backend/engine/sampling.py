@@ -6,7 +6,7 @@ from dataclasses import dataclass
 
 import torch
 
-from backend.request import SamplingParams
+from backend.engine.request import SamplingParams
 
 
 @dataclass(frozen=True)

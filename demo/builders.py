@@ -1,7 +1,7 @@
 """Builds the demo (and test) assets locally, with no network: a byte-level BPE tokenizer trained on
 text every Python install has, a small random base model, and PEFT LoRA adapters made by PEFT.
 
-    python -m backend.demo [out_dir]     # default: .demo/random/ in the repository
+    python -m demo.builders [out_dir]     # default: .demo/random/ in the repository
 
 The real demo (SmolLM2 and trained adapters) is demo/build.py.
 """

@@ -17,13 +17,13 @@ from starlette.responses import StreamingResponse
 
 from backend.errors import RequestError
 from backend.naming import CONFIG_FILE, NAME_RE, adapter_folders, lora_key, parse_mix
-from backend.openai_server.chat import ChatTemplate, read_template
-from backend.openai_server.engine_client import STATUS, APIError, EngineClient, model_not_found
-from backend.openai_server.generation import Delta, generate_text
-from backend.openai_server.protocol import ChatRequest, CompletionRequest, Generation
-from backend.openai_server.settings import Settings
-from backend.openai_server.views import ChatView, CompletionView, View
-from backend.text import TextCodec
+from backend.serving.openai_server.chat import ChatTemplate, read_template
+from backend.serving.openai_server.engine_client import STATUS, APIError, EngineClient, model_not_found
+from backend.serving.openai_server.generation import Delta, generate_text
+from backend.serving.openai_server.protocol import ChatRequest, CompletionRequest, Generation
+from backend.serving.openai_server.settings import Settings
+from backend.serving.openai_server.views import ChatView, CompletionView, View
+from backend.serving.text import TextCodec
 
 OWNER = "lora-triton"
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # no proxy buffers the tokens

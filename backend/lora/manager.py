@@ -15,9 +15,9 @@ import time
 from collections import OrderedDict
 from dataclasses import dataclass
 
-from backend.adapters import Adapter, AdapterStore, Stamp, stamp_bytes
 from backend.errors import RequestError, internal, invalid
-from backend.lora_layers import LoRAContext
+from backend.lora.adapters import Adapter, AdapterStore, Stamp, stamp_bytes
+from backend.lora.layers import LoRAContext
 from backend.metrics import Metrics
 
 log = logging.getLogger("lora_engine")

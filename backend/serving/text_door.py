@@ -12,10 +12,10 @@ from concurrent.futures import ThreadPoolExecutor
 import numpy as np
 import triton_python_backend_utils as pb_utils
 
-from backend import triton_io as io
 from backend.config import EngineConfig
 from backend.errors import RequestError, code_of, invalid, unavailable
-from backend.text import StopStrings, TextCodec, check_stop_strings
+from backend.serving import triton_io as io
+from backend.serving.text import StopStrings, TextCodec, check_stop_strings
 
 FORWARDED = [
     *("lora_name", "max_tokens", "temperature", "top_p", "top_k", "seed", "end_id", "exclude_input_in_output"),

@@ -1,4 +1,4 @@
-"""python -m backend.openai_server [--triton-url localhost:8001] [--model-dir DIR] [--adapter-dir DIR] ...
+"""python -m backend.serving.openai_server [--triton-url localhost:8001] [--model-dir DIR] [--adapter-dir DIR] ...
 
 Serves the OpenAI API in front of a running tritonserver (local, or an NGC container) that serves
 lora_llm. Defaults come from LORA_BASE_MODEL, LORA_ADAPTER_DIR, GRPC_PORT and OPENAI_PORT."""
@@ -10,15 +10,15 @@ from pathlib import Path
 
 import uvicorn
 
-from backend.openai_server.app import create_app
-from backend.openai_server.settings import Settings
+from backend.serving.openai_server.app import create_app
+from backend.serving.openai_server.settings import Settings
 
 SHUTDOWN_GRACE_S = 5  # at SIGTERM, streams still open after this are closed
 
 
 def parse_settings(argv=None) -> tuple[Settings, argparse.Namespace]:
     d = Settings.from_env()
-    p = argparse.ArgumentParser(prog="python -m backend.openai_server", description=__doc__.split("\n\n")[1])
+    p = argparse.ArgumentParser(prog="python -m backend.serving.openai_server", description=__doc__.split("\n\n")[1])
     p.add_argument("--triton-url", default=d.triton_url, help="tritonserver's gRPC host:port (%(default)s)")
     p.add_argument("--model-dir", type=Path, default=d.model_dir, help="the base model folder, for its tokenizer")
     p.add_argument("--adapter-dir", type=Path, default=d.adapter_dir, help="the adapter folders /v1/models lists")

@@ -1,0 +1,1 @@
+"""Continuous batching: requests, sequences, the scheduler, KV-cache blocks and the prefix cache, sampling."""

@@ -1,0 +1,1 @@
+"""Triton glue (pb_utils), the text front doors, the OpenAI server."""
