@@ -178,6 +178,8 @@ def targets(rows: list[dict], loads: list[Workload]) -> list[tuple[str, float, f
         (base, "server base only vs engine base only", get("server", base) / get("engine", base), 0.8),
         (zipf, f"engine {zipf} vs engine base only", get("engine", zipf, "x_base"), 0.5),
         (distinct, f"openai {distinct} vs server {distinct}", get("openai", distinct) / get("server", distinct), 0.85),
+        (base, "engine base only vs vLLM base only", get("engine", base) / get("vllm", base), 1.1),
+        (distinct, f"engine {distinct} vs vLLM {distinct}", get("engine", distinct) / get("vllm", distinct), 2.0),
         (
             prefix,
             f"engine {prefix}: TTFT p50 without the prefix cache over with it",
