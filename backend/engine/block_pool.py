@@ -62,10 +62,14 @@ class BlockPool:
         """Appends matched blocks to an empty table, taking a reference on each."""
         assert not table, "shared blocks start a table"
         for block in blocks:
-            if self.refs[block] == 0:
-                del self.free[block]
-            self.refs[block] += 1
+            self._hold(block)
             table.append(block)
+
+    def _hold(self, block: int) -> None:
+        """One more reference on a found block (out of the free ones if it was there)."""
+        if self.refs[block] == 0:
+            del self.free[block]
+        self.refs[block] += 1
 
     def grow(self, table: list[int], tokens: int) -> bool:
         """Extends `table` with new blocks to hold `tokens` tokens; False (and nothing taken) if the pool is short."""
@@ -90,9 +94,7 @@ class BlockPool:
             self.refs[own] = 0
             self.free[own] = None
             self.free.move_to_end(own, last=False)  # it holds nothing findable: the first to hand out
-            if self.refs[block] == 0:
-                del self.free[block]
-            self.refs[block] += 1
+            self._hold(block)
             table[i] = block
 
     def register(self, block: int, h: bytes) -> None:

@@ -100,10 +100,14 @@ class SlotWeights:
             bias = 0.0 if self.bias is None else self.bias[cols]
             self.c[slot, cols] = (1.0 - g) * bias if dora else 0.0
         self.dora[sl][slot] = dora
-        self.dora_t[slot] = any(d[slot] for d in self.dora)
+        self.dora_t[slot] = self.dora_slot(slot)
+
+    def dora_slot(self, slot: int) -> bool:
+        """The slot's adapter is DoRA on some slice."""
+        return any(d[slot] for d in self.dora)
 
     def dora_in(self, batch: Segments) -> bool:
-        return self.g is not None and any(d[slot] for d in self.dora for slot in batch.slot_set)
+        return self.g is not None and any(self.dora_slot(slot) for slot in batch.slot_set)
 
     def active(self, batch: Segments) -> bool:
         return any(ranks[slot] for ranks in self.ranks for slot in batch.slot_set)
@@ -269,7 +273,7 @@ class LoRAOps:
     def _dora_scale(y, w: SlotWeights, seg: Segments) -> None:
         """y = g ⊙ y + c on the rows of each DoRA slot of the batch (fp32, as PEFT's fp32 forward)."""
         for slot, start, n in seg.host:
-            if not any(d[slot] for d in w.dora):
+            if not w.dora_slot(slot):
                 continue
             if seg.first is not None:
                 rows = y[seg.first + start : seg.first + start + n]

@@ -185,6 +185,8 @@ class PagedAttention:
 
     def __init__(self, k_cache: torch.Tensor, v_cache: torch.Tensor, block_size: int, paged_kernel: bool):
         self.k_cache, self.v_cache, self.block_size = k_cache, v_cache, block_size
+        shape = (-1, block_size, *k_cache.shape[1:])  # the kernels' view: [num_blocks, block_size, Hkv, D]
+        self.k_blocks, self.v_blocks = k_cache.view(shape), v_cache.view(shape)
         self.kernel = self.prefill_kernel = None
         if paged_kernel:
             from kernels.paged_attention import paged_decode_attention
@@ -214,11 +216,11 @@ class PagedAttention:
 
     def _chunks(self, q: torch.Tensor, meta: AttentionMeta, args: AttnArgs) -> torch.Tensor:
         # q: [T, Hq, D] -> [T, Hq, D]: the prompt chunks by the paged prefill kernel, then the decode tokens
-        c, shape = meta.chunks, (-1, self.block_size, *self.k_cache.shape[1:])
+        c = meta.chunks
         out = self.prefill_kernel(
             q,
-            self.k_cache.view(shape),
-            self.v_cache.view(shape),
+            self.k_blocks,
+            self.v_blocks,
             c.block_tables,
             c.q_starts,
             c.q_lens,
@@ -236,11 +238,10 @@ class PagedAttention:
     def _decode(self, q: torch.Tensor, d: DecodeMeta, args: AttnArgs) -> torch.Tensor:
         # q: [Bd, Hq, D] -> [Bd, Hq, D]
         if self.kernel is not None:
-            shape = (-1, self.block_size, *self.k_cache.shape[1:])  # [num_blocks, block_size, Hkv, D]
             return self.kernel(
                 q.contiguous(),
-                self.k_cache.view(shape),
-                self.v_cache.view(shape),
+                self.k_blocks,
+                self.v_blocks,
                 d.block_tables,
                 d.seq_lens,
                 args.scale,
