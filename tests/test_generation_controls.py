@@ -9,7 +9,8 @@ import numpy as np
 import torch
 from transformers import LogitsProcessor, LogitsProcessorList
 
-from backend.engine.request import SamplingParams, parse_request
+from backend.engine.request import SamplingParams
+from backend.serving.request_tensors import parse_request
 from tests.conftest import peft_generate
 from tests.test_engine import make_engine, prompts, request, run_all
 

@@ -1,4 +1,4 @@
-"""backend/engine/request.py (parse_request) and backend/serving/text.py (TextCodec, StreamChunker)."""
+"""backend/serving/request_tensors.py (parse_request, scalar) and backend/serving/text.py (TextCodec, StreamChunker)."""
 
 import json
 import random
@@ -7,8 +7,9 @@ import numpy as np
 import pytest
 from tokenizers import Tokenizer, models, pre_tokenizers, trainers
 
-from backend.engine.request import Limits, parse_request
+from backend.engine.request import Limits
 from backend.errors import RequestError
+from backend.serving.request_tensors import parse_request, scalar
 from backend.serving.text import StopStrings, StreamChunker, TextCodec, check_stop_strings
 from demo.builders import corpus
 
@@ -170,6 +171,28 @@ def test_invalid(inputs):
 def test_max_tokens_at_limits(prompt_len, max_tokens):
     inputs = {"input_ids": ids(*[5] * prompt_len), "max_tokens": one(max_tokens, np.int32)}
     assert parse_request(inputs, LIMITS).max_tokens == max_tokens
+
+
+@pytest.mark.parametrize(
+    "array, kind, expected",
+    [(one(3, np.int32), int, 3), (one(0.5, np.float32), float, 0.5), (name(b"caf\xc3\xa9"), None, "caf\u00e9")],
+)
+def test_scalar(array, kind, expected):
+    value = scalar({"x": array}, "x", kind)
+    assert value == expected and type(value) is type(expected)
+    assert scalar({}, "x", kind, "absent") == "absent"
+
+
+def test_scalar_strict_or_first():
+    """Strict (the lora_llm contract): one value or an error; else the first of any, default if none."""
+    two, empty = np.array([[4, 5]], np.int32), np.zeros((1, 0), np.int32)
+    assert (scalar({"x": two}, "x", strict=False), scalar({"x": empty}, "x", default=9, strict=False)) == (4, 9)
+    for array in (two, empty):
+        with pytest.raises(RequestError, match=r"x must hold one value, got shape \[1, \d\]"):
+            scalar({"x": array}, "x")
+    for strict in (True, False):
+        with pytest.raises(RequestError, match="x is not valid UTF-8"):
+            scalar({"x": name(b"\xff")}, "x", strict=strict)
 
 
 @pytest.fixture(scope="module")

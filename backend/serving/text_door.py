@@ -15,12 +15,14 @@ import triton_python_backend_utils as pb_utils
 from backend.config import EngineConfig
 from backend.errors import RequestError, code_of, invalid, unavailable
 from backend.serving import triton_io as io
+from backend.serving.request_tensors import scalar
 from backend.serving.text import StopStrings, TextCodec, check_stop_strings
 
 FORWARDED = [
     *("lora_name", "max_tokens", "temperature", "top_p", "top_k", "seed", "end_id", "exclude_input_in_output"),
     *("min_length", "presence_penalty", "frequency_penalty", "repetition_penalty", "ignore_eos"),
 ]
+OUTPUTS = ["output_ids", "finish_reason", "adapter_version"]  # asked of lora_llm
 MAX_WORKERS = 512  # requests answered at once; past it they queue here (the engine has its own bound)
 
 
@@ -67,12 +69,14 @@ class TextDoor:
         """Sends the streamed responses and returns the final one."""
         if self.engine_gone:
             raise unavailable("lora_llm's stub process died: the server is stopping")
-        stream = bool(io.scalar(values, "stream", False))
+        stream = scalar(values, "stream", bool, False, strict=False)
         if stream and not self.streams:
             raise invalid("lora_text answers once; stream with the 'ensemble' model")
-        ids = self.codec.encode_prompt(io.scalar(values, "text_input", ""))
+        ids = self.codec.encode_prompt(scalar(values, "text_input", str, "", strict=False))
         stops = stop_strings(values)
-        echo = stops is not None and not stream and not io.scalar(values, "exclude_input_in_output", True)
+        echo = (
+            stops is not None and not stream and not scalar(values, "exclude_input_in_output", bool, True, strict=False)
+        )
         tensors = [io.tensor("input_ids", ids, np.int64)]
         tensors += [pb_utils.Tensor(name, values[name]) for name in FORWARDED if name in values]
         if stream or stops is not None:  # stop strings are looked for as the text comes
@@ -81,7 +85,7 @@ class TextDoor:
         call = pb_utils.InferenceRequest(
             model_name="lora_llm",
             inputs=tensors,
-            requested_output_names=["output_ids", "finish_reason", "adapter_version"],
+            requested_output_names=OUTPUTS,
             parameters={io.StopFiles.PARAMETER: key},
             timeout=timeout_us,
         )
@@ -112,11 +116,12 @@ class TextDoor:
                 raise RequestError(code_of(message), message)
             if not response.output_tensors():
                 continue
-            ids = pb_utils.get_output_tensor_by_name(response, "output_ids").as_numpy().reshape(-1).tolist()
-            finish = io.first(pb_utils.get_output_tensor_by_name(response, "finish_reason").as_numpy())
+            out = {name: pb_utils.get_output_tensor_by_name(response, name).as_numpy() for name in OUTPUTS}
+            ids = out["output_ids"].reshape(-1).tolist()
+            finish = scalar(out, "finish_reason", strict=False)
             if error := io.error_in(finish):
                 raise error
-            version = io.first(pb_utils.get_output_tensor_by_name(response, "adapter_version").as_numpy())
+            version = scalar(out, "adapter_version", strict=False)
             text, hit = self.codec.decode(ids), False
             if stops is not None:
                 text, hit = stops.add(text, final=bool(finish))

@@ -18,7 +18,7 @@ import numpy as np
 import psutil
 import triton_python_backend_utils as pb_utils
 
-from backend.errors import RequestError, internal, invalid
+from backend.errors import RequestError, internal
 
 FINAL = pb_utils.TRITONSERVER_RESPONSE_COMPLETE_FINAL
 log = logging.getLogger("lora_engine")
@@ -68,23 +68,6 @@ def deadline(request) -> float | None:
     """The time.monotonic() at which the request's Triton timeout (microseconds; 0 = none) runs out."""
     timeout_us = request.timeout()
     return time.monotonic() + timeout_us / 1e6 if timeout_us else None
-
-
-def first(array: np.ndarray | None, default=None, name: str = "input"):
-    """The single value of a [1] / [1, 1] tensor as a Python object (bytes decoded); default if absent."""
-    if array is None or array.size == 0:
-        return default
-    item = array.reshape(-1)[0]
-    if isinstance(item, bytes):
-        try:
-            return item.decode("utf-8")
-        except UnicodeDecodeError as e:
-            raise invalid(f"{name} is not valid UTF-8") from e
-    return item.item() if hasattr(item, "item") else item
-
-
-def scalar(values: dict[str, np.ndarray], name: str, default=None):
-    return first(values.get(name), default, name)
 
 
 class Outbox:

@@ -7,10 +7,11 @@ import triton_python_backend_utils as pb_utils
 
 from backend.config import EngineConfig, instance_device
 from backend.engine.engine import Engine, Output
-from backend.engine.request import GenerationRequest, parse_request
+from backend.engine.request import GenerationRequest
 from backend.errors import RequestError, internal, invalid
 from backend.metrics import TritonMetrics
 from backend.serving import triton_io as io
+from backend.serving.request_tensors import parse_request, scalar
 from backend.serving.text import StreamChunker, TextCodec, has_tokenizer
 
 
@@ -45,7 +46,7 @@ class TritonPythonModel:
         values = io.inputs(request)
         req = parse_request(values, self.engine.limits)
         req.deadline = io.deadline(request)
-        whole_chars = req.stream and io.scalar(values, "stream_whole_chars", False)
+        whole_chars = req.stream and scalar(values, "stream_whole_chars", bool, False, strict=False)
         if whole_chars and self.codec is None:
             raise invalid(f"stream_whole_chars needs a tokenizer; base model folder {self.base_model} has none")
         respond = Responder(
