@@ -6,7 +6,7 @@ A series is a family name and its labels. The series without an adapter label ex
 (at 0); an adapter's series all appear, at 0, with its first request, so a dashboard never misses one.
 
 The `vllm:` families carry vLLM's names and labels, for routers that read them (llm-d's endpoint
-picker); README "Routing signals" says where they differ from vLLM's."""
+picker); docs/metrics.md "Routing signals" says where they differ from vLLM's."""
 
 import threading
 import time

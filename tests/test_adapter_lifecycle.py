@@ -180,7 +180,7 @@ def test_a_bad_adapter_does_not_evict_a_good_one(lserver, peft_model):
 
 
 def replace_files(src, dst) -> None:
-    """Replaces an adapter's two files the way the README says: each written beside it, then renamed."""
+    """Replaces an adapter's two files the way docs/adapters.md says: each written beside it, then renamed."""
     for f in ("adapter_model.safetensors", "adapter_config.json"):
         shutil.copyfile(src / f, dst / f"{f}.new")
         os.replace(dst / f"{f}.new", dst / f)
