@@ -39,6 +39,7 @@ class EngineConfig:
     # sequences of max_model_len need.
     kv_cache_memory: str = "auto"
     kv_block_size: int = 16  # tokens per KV-cache block
+    lean_forward: bool = True  # Llama, Mistral, Qwen2: our forward over the model's modules; false: transformers'
     enable_prefix_caching: bool = True  # full blocks of K/V shared by prompts that start alike (same adapter)
     max_queued_requests: int = 256  # requests waiting to run; past it a request gets UNAVAILABLE
     shutdown_grace_seconds: float = 5.0  # at server shutdown, requests still running then get UNAVAILABLE

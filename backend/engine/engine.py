@@ -41,8 +41,9 @@ from backend.lora.manager import AdapterManager, Want
 from backend.metrics import Metrics
 from backend.model.device_faults import device_lost
 from backend.model.hybrid import requested_as, served_as
+from backend.model.input_batch import SeqWork
 from backend.model.kv_cache import parse_budget
-from backend.model.runner import ModelRunner, SeqWork
+from backend.model.runner import ModelRunner
 from backend.model.warmup import warm_up
 from backend.naming import check_name
 
@@ -137,6 +138,7 @@ class Engine:
             device=device,
             max_seqs=cfg.max_num_seqs,
             max_len=cfg.max_model_len,
+            max_tokens=cfg.max_prefill_tokens + cfg.max_num_seqs,
             num_slots=cfg.max_loras,
             max_rank=cfg.max_lora_rank,
             targets=cfg.targets,
@@ -145,6 +147,7 @@ class Engine:
             kv_block_size=cfg.kv_block_size,
             attention_backend=cfg.attention_backend,
             merged_lora=cfg.adapter_dir / self.merged if self.merged else None,
+            lean_forward=cfg.lean_forward,
         )
         self.kv = self.runner.kv
         self.blocks = BlockPool(self.kv.num_blocks, self.kv.block_size, cfg.enable_prefix_caching)

@@ -145,13 +145,17 @@ class LoRAGroup:
             and len({(m.d_in, b.weight.dtype, b.weight.device, b.bias is None) for m, b in zip(members, bases)}) == 1
         )
 
+    def forward_all(self, x: torch.Tensor) -> torch.Tensor:
+        """Every member's output, their columns side by side: [..., d_in] -> [..., N]."""
+        y = self.linear(x)
+        batch = self.ctx.rows(self.members[0], x)
+        if batch is not None:
+            self.ctx.ops.add(y.view(-1, y.shape[-1]), x.reshape(-1, self.members[0].d_in), self.w, batch)
+        return y
+
     def output(self, member: LoRALinear, x: torch.Tensor) -> torch.Tensor:
         if x is not self._x:
-            y = self.linear(x)
-            batch = self.ctx.rows(member, x)
-            if batch is not None:
-                self.ctx.ops.add(y.view(-1, y.shape[-1]), x.reshape(-1, member.d_in), self.w, batch)
-            self._x, self._y, self._served = x, y, 0
+            self._x, self._y, self._served = x, self.forward_all(x), 0
         start = self.w.starts[member.slice]
         out = self._y[..., start : start + member.d_out]
         self._served += 1

@@ -88,59 +88,6 @@ class AttentionMeta:
     chunks: ChunksMeta | None = None  # the same chunks, for the GPU's paged prefill kernel
 
 
-def cache_rows(table: list[int], start: int, end: int, block_size: int) -> list[int]:
-    """Cache rows of positions start..end-1 of a sequence whose blocks are `table`."""
-    return [table[p // block_size] * block_size + p % block_size for p in range(start, end)]
-
-
-def build_meta(seqs, block_size: int, device: torch.device, paged_kernel: bool) -> AttentionMeta:
-    """seqs: (block table, start in the step, tokens fed, tokens cached before) per sequence, in step order."""
-    slots, decode, prefills, chunks = [], [], [], []
-    for table, start, length, cached in seqs:
-        slots += cache_rows(table, cached, cached + length, block_size)
-        if length == 1:
-            decode.append((start, table, cached + 1))
-        elif paged_kernel:
-            chunks.append((table, start, length, cached + length))
-        else:
-            rows = None
-            if cached:
-                rows = torch.tensor(cache_rows(table, 0, cached + length, block_size), dtype=torch.long, device=device)
-            prefills.append(PrefillMeta(start, length, cached + length, rows))
-    meta = None
-    if decode:
-        width = max(len(t) for _, t, _ in decode)
-        tables = torch.tensor([t + [0] * (width - len(t)) for _, t, _ in decode], dtype=torch.int32)
-        lens = torch.tensor([n for _, _, n in decode], dtype=torch.int32)
-        history = None
-        if not paged_kernel:
-            pos = torch.arange(int(lens.max()))
-            history = tables.long().gather(1, (pos // block_size).expand(len(decode), -1)) * block_size
-            seen = pos < lens[:, None]
-            history = torch.where(seen, history + pos % block_size, 0).to(device)
-            seen = seen[:, None].to(device)
-        meta = DecodeMeta(
-            torch.tensor([s for s, _, _ in decode], dtype=torch.long, device=device),
-            tables.to(device),
-            lens.to(device),
-            history,
-            seen if not paged_kernel else None,
-        )
-    slots = torch.tensor(slots, dtype=torch.long, device=device)
-    return AttentionMeta(slots, meta, tuple(prefills), chunks_meta(chunks, device) if chunks else None)
-
-
-def chunks_meta(chunks: list[tuple[list[int], int, int, int]], device: torch.device) -> ChunksMeta:
-    """chunks: (block table, start in the step, tokens fed, keys after the step) per prompt chunk."""
-    width = max(len(t) for t, _, _, _ in chunks)
-    tables = torch.tensor([t + [0] * (width - len(t)) for t, _, _, _ in chunks], dtype=torch.int32)
-    columns = torch.zeros(3, -(-len(chunks) // 4) * 4, dtype=torch.int32)  # rows 16-byte aligned, as kernels specialize
-    columns[:, : len(chunks)] = torch.tensor([c[1:] for c in chunks], dtype=torch.int32).T
-    columns = columns.to(device)
-    b = len(chunks)
-    return ChunksMeta(tables.to(device), columns[0, :b], columns[1, :b], columns[2, :b], max(c[2] for c in chunks))
-
-
 def attend(q, k, v, args: AttnArgs, q_start: int | torch.Tensor, seen: torch.Tensor | None = None):
     """q [B, Hq, Lq, D]; k, v [B, Hkv, Lk, D]; query i is at position q_start + i (q_start: [B] or int) and
     sees the keys up to it (and within the window); keys past it are padding. seen: that causal mask [B, Lq, Lk]
@@ -195,23 +142,27 @@ class PagedAttention:
             self.kernel, self.prefill_kernel = paged_decode_attention, paged_prefill_attention
 
     def __call__(self, q, k, v, meta: AttentionMeta, args: AttnArgs) -> torch.Tensor:
-        # q: [1, Hq, T, D]; k, v: [1, Hkv, T, D] for the new tokens -> [1, T, Hq, D]
-        self.k_cache.index_copy_(0, meta.slots, k[0].transpose(0, 1))
-        self.v_cache.index_copy_(0, meta.slots, v[0].transpose(0, 1))
+        # transformers' layout: q [1, Hq, T, D]; k, v [1, Hkv, T, D] for the new tokens -> [1, T, Hq, D]
+        return self.forward(q[0].transpose(0, 1), k[0].transpose(0, 1), v[0].transpose(0, 1), meta, args)[None]
+
+    def forward(self, q, k, v, meta: AttentionMeta, args: AttnArgs) -> torch.Tensor:
+        # q: [T, Hq, D]; k, v: [T, Hkv, D] for the new tokens -> [T, Hq, D]
+        self.k_cache.index_copy_(0, meta.slots, k)
+        self.v_cache.index_copy_(0, meta.slots, v)
         if meta.decode is not None and not meta.prefills and meta.chunks is None:  # all decode, in step order
-            return self._decode(q[0].transpose(0, 1), meta.decode, args)[None]
+            return self._decode(q, meta.decode, args)
         if meta.chunks is not None:
-            return self._chunks(q[0].transpose(0, 1), meta, args)[None]
-        out = torch.empty(1, q.shape[2], q.shape[1], q.shape[3], dtype=q.dtype, device=q.device)
+            return self._chunks(q, meta, args)
+        out = torch.empty(q.shape, dtype=q.dtype, device=q.device)
         if meta.decode is not None:
-            out[0, meta.decode.idx] = self._decode(q[0, :, meta.decode.idx].transpose(0, 1), meta.decode, args)
+            out[meta.decode.idx] = self._decode(q[meta.decode.idx], meta.decode, args)
         for p in meta.prefills:
-            qs = q[:, :, p.start : p.start + p.length]
+            qs = q[p.start : p.start + p.length].transpose(0, 1)[None]
             if p.rows is None:
-                ks, vs = k[:, :, p.start : p.start + p.length], v[:, :, p.start : p.start + p.length]
+                ks, vs = (x[p.start : p.start + p.length].transpose(0, 1)[None] for x in (k, v))
             else:
                 ks, vs = (c.index_select(0, p.rows).transpose(0, 1)[None] for c in (self.k_cache, self.v_cache))
-            out[0, p.start : p.start + p.length] = attend(qs, ks, vs, args, p.kv_len - p.length)[0].transpose(0, 1)
+            out[p.start : p.start + p.length] = attend(qs, ks, vs, args, p.kv_len - p.length)[0].transpose(0, 1)
         return out
 
     def _chunks(self, q: torch.Tensor, meta: AttentionMeta, args: AttnArgs) -> torch.Tensor:

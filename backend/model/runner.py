@@ -8,7 +8,6 @@ attention interface (Llama, Mistral, Qwen2, Phi-3, Gemma-2, GPT-2, ...) with arg
 """
 
 import logging
-from dataclasses import dataclass
 from pathlib import Path
 
 import torch
@@ -16,70 +15,17 @@ from transformers import AttentionInterface, AutoModelForCausalLM
 
 from backend.config import context_length
 from backend.lora import ops as lora_ops
-from backend.lora.layers import LoRAContext, LoRALinear, LoRAStep, wrap_model
-from backend.model import dense, fused
-from backend.model.attention import AttentionMeta, AttnArgs, PagedAttention, UnsupportedAttention, build_meta
+from backend.lora.layers import LoRAContext, LoRALinear, wrap_model
+from backend.model import dense, fused, lean
+from backend.model.attention import AttnArgs, PagedAttention, UnsupportedAttention
 from backend.model.checks import check_config, check_layers
 from backend.model.hybrid import merge_at_load
+from backend.model.input_batch import InputBatch, SeqWork, StepBatch
 from backend.model.kv_cache import KVCache, LayerShape, budget_bytes, fmt_bytes, plan_cache
 from backend.model.rope import per_sequence_rope
 
 log = logging.getLogger("lora_engine")
 ATTENTION = "lora_engine"
-
-
-@dataclass(frozen=True)
-class SeqWork:
-    table: list[int]  # its KV-cache blocks, enough for cached + len(tokens)
-    tokens: list[int]  # tokens to feed this step
-    cached: int  # tokens already in the cache
-    slot: int  # LoRA slot, -1 for the base model
-    sample: bool = True  # False for a prompt chunk that is not its last: no logits
-    length: int = 0  # its whole length, prompt chunks or not: batch-dependent RoPE takes frequencies from it
-
-
-@dataclass(frozen=True)
-class StepBatch:
-    input_ids: torch.Tensor  # [T]
-    positions: torch.Tensor  # [T]
-    attention: AttentionMeta
-    last: torch.Tensor  # [B] index of the last token of each sampled sequence: where logits are taken
-    lora: LoRAStep  # which tokens use which adapter slot
-    # (first token, tokens, whole length) of each sequence, in `work` order; batch-dependent RoPE reads it
-    spans: tuple[tuple[int, int, int], ...]
-
-
-def make_step(
-    work: list[SeqWork], device, ops: lora_ops.LoRAOps, block_size: int, paged_kernel: bool, lora_on_output=False
-) -> StepBatch:
-    """What every layer needs, built once per step. Tokens are laid out base-model sequences first,
-    then by slot, so that each adapter's tokens are one run (logits come back in `work` order)."""
-    starts: list[int] = [0] * len(work)
-    ids, pos, slots, seqs = [], [], [], []
-    for i in sorted(range(len(work)), key=lambda i: work[i].slot):
-        w = work[i]
-        starts[i] = len(ids)
-        seqs.append((w.table, len(ids), len(w.tokens), w.cached))
-        ids += w.tokens
-        pos += range(w.cached, w.cached + len(w.tokens))
-        slots += [w.slot] * len(w.tokens)
-    as_long = {"dtype": torch.long, "device": device}
-    last = [starts[i] + len(w.tokens) - 1 for i, w in enumerate(work) if w.sample]
-    last_slots = torch.tensor([slots[i] for i in last], device=device)
-    lora = LoRAStep(
-        ops.rows(lora_ops.sorted_segments(slots, device)),
-        ops.rows(lora_ops.segment_tokens(last_slots)) if lora_on_output else None,
-        len(ids),
-        len(last),
-    )
-    return StepBatch(
-        torch.tensor(ids, **as_long),
-        torch.tensor(pos, **as_long),
-        build_meta(seqs, block_size, device, paged_kernel),
-        torch.tensor(last, **as_long),
-        lora,
-        tuple((starts[i], len(w.tokens), max(w.length, w.cached + len(w.tokens))) for i, w in enumerate(work)),
-    )
 
 
 class LayerAttention:
@@ -129,6 +75,8 @@ class ModelRunner:
         kv_block_size: int = 16,
         attention_backend: str = "auto",
         merged_lora: Path | None = None,
+        lean_forward: bool = True,
+        max_tokens: int = 0,  # the most tokens in a step; 0: a whole context and a decode token per sequence
     ):
         check_config(model_dir)
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation=ATTENTION)
@@ -157,9 +105,21 @@ class ModelRunner:
         fused.fuse_norms(self.model)
         self.lora_on_output = isinstance(self.model.get_output_embeddings(), LoRALinear)
         self.step: StepBatch | None = None
+        self.lean: lean.LeanModel | None = None  # set after the probe, which runs transformers' forward
         self.rope = per_sequence_rope(self.model, self.arch, lambda: self.step and self.step.spans)
         self.paged_kernel = lora_ops.pick_backend(attention_backend, self.device, "attention_backend") == "triton"
         self.block_size = kv_block_size
+        self.batch = InputBatch(
+            max_tokens=max_tokens or self.max_len + max_seqs,
+            max_seqs=max_seqs,
+            max_blocks=-(-self.max_len // kv_block_size),
+            num_slots=num_slots,
+            block_size=kv_block_size,
+            device=self.device,
+            ops=ops,
+            paged_kernel=self.paged_kernel,
+            lora_on_output=self.lora_on_output,
+        )
         self.layers = self._hook_attention()
         shapes = [layer.shape for layer in self.layers]
         budget = budget_bytes(kv_cache_memory, self.device)
@@ -167,6 +127,7 @@ class ModelRunner:
         self.kv = KVCache(plan, shapes, self.model.dtype, self.device)
         for i, layer in enumerate(self.layers):
             layer.paged = PagedAttention(self.kv.k[i], self.kv.v[i], kv_block_size, self.paged_kernel)
+        self.lean = lean.LeanModel(self.model, self.layers) if lean_forward and lean.fits(self.model) else None
         self.kv_summary = (
             f"KV cache {fmt_bytes(plan.nbytes)}: {plan.num_blocks} blocks of {plan.block_size} tokens, "
             f"{plan.tokens} tokens at {plan.bytes_per_token} bytes each (kv_cache_memory {kv_cache_memory}: "
@@ -195,13 +156,15 @@ class ModelRunner:
         return layers
 
     def make_step(self, work: list[SeqWork]) -> StepBatch:
-        return make_step(work, self.device, self.lora.ops, self.block_size, self.paged_kernel, self.lora_on_output)
+        return self.batch.build(work)
 
     @torch.inference_mode()
     def forward(self, step: StepBatch) -> torch.Tensor:
         """-> logits [B, vocab] (fp32) at the last token of each sampled sequence."""
         self.step, self.lora.step = step, step.lora
         try:
+            if self.lean is not None:
+                return self.lean(step.input_ids, step.positions, step.last, step.attention).float()
             out = self.model(
                 input_ids=step.input_ids[None],
                 position_ids=step.positions[None],

@@ -15,7 +15,8 @@ import time
 
 import torch
 
-from backend.model.runner import ModelRunner, SeqWork
+from backend.model.input_batch import SeqWork
+from backend.model.runner import ModelRunner
 
 log = logging.getLogger("lora_engine")
 
