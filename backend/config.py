@@ -39,6 +39,7 @@ class EngineConfig:
     # sequences of max_model_len need.
     kv_cache_memory: str = "auto"
     kv_block_size: int = 16  # tokens per KV-cache block
+    cuda_graphs: bool = False  # decode steps replayed from CUDA graphs (triton backends, lean forward)
     lean_forward: bool = True  # Llama, Mistral, Qwen2: our forward over the model's modules; false: transformers'
     enable_prefix_caching: bool = True  # full blocks of K/V shared by prompts that start alike (same adapter)
     max_queued_requests: int = 256  # requests waiting to run; past it a request gets UNAVAILABLE

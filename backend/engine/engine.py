@@ -148,10 +148,13 @@ class Engine:
             attention_backend=cfg.attention_backend,
             merged_lora=cfg.adapter_dir / self.merged if self.merged else None,
             lean_forward=cfg.lean_forward,
+            use_cuda_graphs=cfg.cuda_graphs,
         )
         self.kv = self.runner.kv
         self.blocks = BlockPool(self.kv.num_blocks, self.kv.block_size, cfg.enable_prefix_caching)
         self.warmup = warm_up(self.runner, cfg.max_prefill_tokens + cfg.max_num_seqs, cfg.max_num_seqs)
+        if self.runner.graphs is not None:
+            self.runner.graphs.capture()
         store = AdapterStore(
             cfg.adapter_dir,
             self.runner.shapes,

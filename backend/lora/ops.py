@@ -92,15 +92,20 @@ class SlotWeights:
         self.ranks[sl][slot], self.scales[sl][slot] = r, (scale if r else 0.0)
         self.rank_t[sl, slot], self.scale_t[sl, slot] = r, self.scales[sl][slot]
         dora = r > 0 and g is not None
-        if dora and self.g is None:
-            self.g = torch.ones(self.b.shape[:2], dtype=torch.float32, device=self.b.device)
-            self.c = torch.zeros_like(self.g)
+        if dora:
+            self.make_dora()
         if self.g is not None:
             self.g[slot, cols] = g if dora else 1.0
             bias = 0.0 if self.bias is None else self.bias[cols]
             self.c[slot, cols] = (1.0 - g) * bias if dora else 0.0
         self.dora[sl][slot] = dora
         self.dora_t[slot] = self.dora_slot(slot)
+
+    def make_dora(self) -> None:
+        """g = 1 and c = 0 in every slot, unless made already (a replayed step reads them from the start)."""
+        if self.g is None:
+            self.g = torch.ones(self.b.shape[:2], dtype=torch.float32, device=self.b.device)
+            self.c = torch.zeros_like(self.g)
 
     def dora_slot(self, slot: int) -> bool:
         """The slot's adapter is DoRA on some slice."""
@@ -176,6 +181,7 @@ class Rows:
 
     seg: Segments
     layout: Layout | None  # the torch path's
+    fixed: bool = False  # a step shaped for replay: every launch runs, whatever the batch's adapters
 
 
 def seg_args(seg: Segments) -> tuple:
@@ -218,11 +224,13 @@ class LoRAOps:
             self.shrink, self.expand, self.shrink_config = lora_shrink, lora_expand, shrink_config
             self.dora_scale = dora_scale
 
-    def rows(self, seg: Segments | None) -> Rows | None:
-        """A step's metadata for the layers, built once per step; None when no row has an adapter."""
+    def rows(self, seg: Segments | None, fixed: bool = False) -> Rows | None:
+        """A step's metadata for the layers, built once per step; None when no row has an adapter (fixed: the
+        step is replayed, and its launches with it: triton only)."""
         if seg is None:
             return None
-        return Rows(seg, Layout.of(seg) if self.backend == "torch" and self.batched else None)
+        assert not fixed or self.backend == "triton", "a replayed step needs the triton backend"
+        return Rows(seg, Layout.of(seg) if self.backend == "torch" and self.batched else None, fixed)
 
     def warm_up(self, w: SlotWeights, max_rows: int) -> int:
         """Runs shrink and expand once for each kernel variant they can pick on these weights for up to
@@ -253,7 +261,7 @@ class LoRAOps:
         """y [T, N] += LoRA(x [T, d_in]) for every slice of w, in place."""
         seg = rows.seg
         assert x.shape[0] == y.shape[0] == seg.num_tokens, (x.shape, y.shape, seg.num_tokens)
-        if not w.active(seg):
+        if not rows.fixed and not w.active(seg):
             return
         if self.backend == "torch":
             if rows.layout is None:
@@ -266,7 +274,7 @@ class LoRAOps:
         args = seg_args(seg)
         t = self.shrink(x, w.a, w.rank_t, w.scale_t, *args)
         self.expand(y, t, w.b, w.rank_t, w.starts_t, w.widths_t, max(w.widths), *args)
-        if w.dora_in(seg):
+        if w.g is not None and (rows.fixed or w.dora_in(seg)):
             self.dora_scale(y, w.g, w.c, w.dora_t, *args)
 
     @staticmethod

@@ -41,6 +41,8 @@ class StepBatch:
     lora: LoRAStep  # which tokens use which adapter slot
     # (first token, tokens, whole length) of each sequence, in `work` order; batch-dependent RoPE reads it
     spans: tuple[tuple[int, int, int], ...]
+    fixed: bool = False  # shaped for replay: see InputBatch.build
+    real: int = 0  # a padded step's sequences before the padding (0: not padded)
 
 
 SEG = ("slots", "starts", "lens")
@@ -79,11 +81,14 @@ class Buffers:
             self.device.copy_(self.host, non_blocking=True)
 
 
-def segments(v: dict, prefix: str, token_slots, sorted_tokens, runs: list, first: int | None) -> Segments:
-    n = len(runs)
+def segments(
+    v: dict, prefix: str, token_slots, sorted_tokens, runs: list, first: int | None, rows: int = 0
+) -> Segments:
+    """rows: a fixed step's, its segment arrays then span every slot and the grids `rows` tokens."""
+    n = v[prefix + "slots"].shape[0] if rows else len(runs)
     slots, starts, lens = (v[prefix + k][:n] for k in SEG)
     host = tuple(map(tuple, runs))
-    return Segments(token_slots, sorted_tokens, slots, starts, lens, max(r[2] for r in runs), host, first)
+    return Segments(token_slots, sorted_tokens, slots, starts, lens, rows or max(r[2] for r in runs), host, first)
 
 
 class InputBatch:
@@ -125,8 +130,12 @@ class InputBatch:
         )
         self.arange = torch.arange(max(t, max_blocks * block_size), device=device)
 
-    def build(self, work: list[SeqWork]) -> StepBatch:
+    def build(self, work: list[SeqWork], fixed: bool = False) -> StepBatch:
+        """fixed: a decode step shaped for replay (a CUDA graph): whatever its mix of adapters, the LoRA
+        segments span every slot (unused ones with no tokens) and grids every token; block tables are
+        `max_blocks` wide. Its tensors then depend on the number of sequences alone."""
         assert 0 < len(work) <= self.max_seqs, (len(work), self.max_seqs)
+        assert not fixed or all(len(w.tokens) == 1 and w.sample for w in work), "fixed: decode steps only"
         lg, it, bs = self.long, self.int, self.block_size
         starts = [0] * len(work)
         runs: list[list[int]] = []  # [slot, start among the adapter tokens, tokens]
@@ -164,24 +173,35 @@ class InputBatch:
         if first is not None:
             it.sorted[: t - first] = np.arange(first, t)
         last_runs = self._last_segments([work[i].slot for i in sampled]) if self.lora_on_output else []
+        if fixed:
+            it.seg_lens[len(runs) :] = 0
+            it.last_seg_lens[len(last_runs) :] = 0
         lg.upload()
         it.upload()
 
         v = {**lg.views, **it.views}
-        lora = LoRAStep(
-            self.ops.rows(self._segments(v, t, first, runs)),
-            self.ops.rows(self._last(v, len(sampled), last_runs)),
-            t,
-            len(sampled),
-        )
+        if fixed:
+            tokens = segments(v, "seg_", v["token_slots"][:t], v["sorted"][:t], runs, None, t)
+            last = segments(v, "last_seg_", v["last_slots"][:t], v["last_sorted"][:t], last_runs, None, t)
+            lora = LoRAStep(
+                self.ops.rows(tokens, True), self.ops.rows(last, True) if self.lora_on_output else None, t, t
+            )
+        else:
+            lora = LoRAStep(
+                self.ops.rows(self._segments(v, t, first, runs)),
+                self.ops.rows(self._last(v, len(sampled), last_runs)),
+                t,
+                len(sampled),
+            )
         spans = tuple((starts[i], len(w.tokens), max(w.length, w.cached + len(w.tokens))) for i, w in enumerate(work))
         attention = AttentionMeta(
             v["rows"][:t],
-            self._decode(v, decode),
+            self._decode(v, decode, fixed),
             self._prefills(v, chunks) if chunks and not self.paged_kernel else (),
             self._chunks(v, chunks) if chunks and self.paged_kernel else None,
         )
-        return StepBatch(v["ids"][:t], v["positions"][:t], attention, v["last"][: len(sampled)], lora, spans)
+        last_rows = v["last"][: len(sampled)]
+        return StepBatch(v["ids"][:t], v["positions"][:t], attention, last_rows, lora, spans, fixed)
 
     def _segments(self, v: dict, t: int, first: int | None, runs: list) -> Segments | None:
         if first is None:
@@ -209,12 +229,13 @@ class InputBatch:
         rows = sum(r[2] for r in runs)
         return segments(v, "last_seg_", v["last_slots"][:num], v["last_sorted"][:rows], runs, None)
 
-    def _decode(self, v: dict, decode: list[tuple[int, int, int]]) -> DecodeMeta | None:
+    def _decode(self, v: dict, decode: list[tuple[int, int, int]], fixed: bool) -> DecodeMeta | None:
         """decode: (its token in the step, keys after the step, blocks) per decode sequence."""
         if not decode:
             return None
         b = len(decode)
-        tables, lens = v["decode_tables"][:b, : max(d[2] for d in decode)], v["decode_lens"][:b]
+        width = self.max_blocks if fixed else max(d[2] for d in decode)
+        tables, lens = v["decode_tables"][:b, :width], v["decode_lens"][:b]
         if self.paged_kernel:
             return DecodeMeta(v["decode_idx"][:b], tables, lens, None)
         # the CPU path gathers each sequence's keys: their cache rows, padding -> row 0, and which it sees

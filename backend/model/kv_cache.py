@@ -97,10 +97,13 @@ class KVCache:
     """k[layer], v[layer]: [num_blocks * block_size, kv_heads, head_dim]; a token's row is
     block * block_size + offset."""
 
-    def __init__(self, plan: CachePlan, layers: list[LayerShape], dtype: torch.dtype, device: torch.device):
+    def __init__(
+        self, plan: CachePlan, layers: list[LayerShape], dtype: torch.dtype, device: torch.device, spare_blocks: int = 0
+    ):
+        """spare_blocks: past the plan's, given to no sequence (padding rows of replayed steps write there)."""
         self.plan = plan
         self.block_size = plan.block_size
-        rows = plan.num_blocks * plan.block_size
+        rows = (plan.num_blocks + spare_blocks) * plan.block_size
         self.k = [torch.zeros(rows, s.kv_heads, s.head_dim, dtype=dtype, device=device) for s in layers]
         self.v = [torch.zeros_like(k) for k in self.k]
 

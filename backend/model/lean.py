@@ -92,7 +92,7 @@ class Rope:
         half = cos.shape[-1] // 2
         self.cos = cos[:, None]
         self.sin = torch.cat([-sin[:, :half], sin[:, half:]], -1)[:, None]
-        self.perm = torch.cat([torch.arange(half, 2 * half), torch.arange(half)]).to(cos.device)
+        self.perm = torch.arange(2 * half, device=cos.device).roll(half)  # made on the device: no copy to capture
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
         return x * self.cos + x.index_select(-1, self.perm) * self.sin

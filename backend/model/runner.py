@@ -7,6 +7,7 @@ paged cache and it attends within its sequence. Works for any model that calls t
 attention interface (Llama, Mistral, Qwen2, Phi-3, Gemma-2, GPT-2, ...) with arguments we apply.
 """
 
+import dataclasses
 import logging
 from pathlib import Path
 
@@ -16,7 +17,7 @@ from transformers import AttentionInterface, AutoModelForCausalLM
 from backend.config import context_length
 from backend.lora import ops as lora_ops
 from backend.lora.layers import LoRAContext, LoRALinear, wrap_model
-from backend.model import dense, fused, lean
+from backend.model import cuda_graphs, dense, fused, lean
 from backend.model.attention import AttnArgs, PagedAttention, UnsupportedAttention
 from backend.model.checks import check_config, check_layers
 from backend.model.hybrid import merge_at_load
@@ -77,6 +78,7 @@ class ModelRunner:
         merged_lora: Path | None = None,
         lean_forward: bool = True,
         max_tokens: int = 0,  # the most tokens in a step; 0: a whole context and a decode token per sequence
+        use_cuda_graphs: bool = False,
     ):
         check_config(model_dir)
         self.model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=dtype, attn_implementation=ATTENTION)
@@ -105,6 +107,7 @@ class ModelRunner:
         fused.fuse_norms(self.model)
         self.lora_on_output = isinstance(self.model.get_output_embeddings(), LoRALinear)
         self.step: StepBatch | None = None
+        self.graphs: cuda_graphs.DecodeGraphs | None = None  # with use_cuda_graphs, once the cache exists
         self.lean: lean.LeanModel | None = None  # set after the probe, which runs transformers' forward
         self.rope = per_sequence_rope(self.model, self.arch, lambda: self.step and self.step.spans)
         self.paged_kernel = lora_ops.pick_backend(attention_backend, self.device, "attention_backend") == "triton"
@@ -124,10 +127,12 @@ class ModelRunner:
         shapes = [layer.shape for layer in self.layers]
         budget = budget_bytes(kv_cache_memory, self.device)
         plan = plan_cache(shapes, self.model.dtype, budget, kv_block_size, self.max_len, max_seqs)
-        self.kv = KVCache(plan, shapes, self.model.dtype, self.device)
+        self.kv = KVCache(plan, shapes, self.model.dtype, self.device, spare_blocks=int(use_cuda_graphs))
         for i, layer in enumerate(self.layers):
             layer.paged = PagedAttention(self.kv.k[i], self.kv.v[i], kv_block_size, self.paged_kernel)
         self.lean = lean.LeanModel(self.model, self.layers) if lean_forward and lean.fits(self.model) else None
+        if use_cuda_graphs:
+            self._replayable(max_seqs)
         self.kv_summary = (
             f"KV cache {fmt_bytes(plan.nbytes)}: {plan.num_blocks} blocks of {plan.block_size} tokens, "
             f"{plan.tokens} tokens at {plan.bytes_per_token} bytes each (kv_cache_memory {kv_cache_memory}: "
@@ -156,11 +161,21 @@ class ModelRunner:
         return layers
 
     def make_step(self, work: list[SeqWork]) -> StepBatch:
-        return self.batch.build(work)
+        bucket = self.graphs.bucket(work) if self.graphs is not None else 0
+        if not bucket:
+            return self.batch.build(work)
+        step = self.batch.build(self.graphs.padded(work, bucket), fixed=True)
+        return dataclasses.replace(step, real=len(work))
 
     @torch.inference_mode()
     def forward(self, step: StepBatch) -> torch.Tensor:
         """-> logits [B, vocab] (fp32) at the last token of each sampled sequence."""
+        logits = self.graphs.replay(step) if step.fixed else None
+        if logits is None:
+            logits = self._forward(step)
+        return logits[: step.real] if step.real else logits
+
+    def _forward(self, step: StepBatch) -> torch.Tensor:
         self.step, self.lora.step = step, step.lora
         try:
             if self.lean is not None:
@@ -174,3 +189,12 @@ class ModelRunner:
         finally:
             self.step = self.lora.step = None
         return out.logits[0].float()
+
+    def _replayable(self, max_seqs: int) -> None:
+        """Decode steps padded to buckets, replayed from CUDA graphs once `graphs.capture()` has run."""
+        why = cuda_graphs.refusal(self)
+        if why:
+            raise ValueError(why)
+        for layer in self.lora.layers.values():  # DoRA's g and c where a replay reads them, from the start
+            layer.w.make_dora()
+        self.graphs = cuda_graphs.DecodeGraphs(self, self._forward, self.kv.num_blocks, max_seqs)
