@@ -1,5 +1,6 @@
 """Before / after: the engine in-process from two checkouts, each in its own process, rounds interleaved
-(the order flips every round), on the same model, adapters and requests. Prints tok/s medians and ratios.
+(the order flips every round), on the same model, adapters and requests. Prints tok/s medians, their ratio,
+and the median of each round's ratio (paired: this machine's speed drifts by 10-20% between minutes).
 
     git worktree add /tmp/before <commit>
     python benchmarks/bench_ab.py --before /tmp/before --shape deep --rounds 5
@@ -70,13 +71,15 @@ def main(argv=None) -> int:
     finally:
         for s in subjects.values():
             s.close()
-    print("| shape | workload | before tok/s | after tok/s | after / before | rounds (before / after) |")
-    print("|---|---|---|---|---|---|")
+    # paired: the median of each round's after / before, whose two runs share the machine's state of the moment
+    print("| shape | workload | before tok/s | after tok/s | after / before | paired | rounds (before / after) |")
+    print("|---|---|---|---|---|---|---|")
     for w in loads:
         b, after = (rates[name, w.name] for name in ("before", "after"))
         mb, ma = statistics.median(b), statistics.median(after)
+        paired = statistics.median(y / x for x, y in zip(b, after))
         rounds = f"{[round(x) for x in b]} / {[round(x) for x in after]}"
-        print(f"| {a.shape} | {w.name} | {mb:.0f} | {ma:.0f} | {ma / mb:.2f}x | {rounds} |")
+        print(f"| {a.shape} | {w.name} | {mb:.0f} | {ma:.0f} | {ma / mb:.2f}x | {paired:.2f}x | {rounds} |")
     return 0
 
 

@@ -75,14 +75,15 @@ class LeanLayer:
             q, k = rope(self.q(x).view(t, self.heads, d)), rope(self.k(x).view(t, self.kv_heads, d))
             v = self.v(x).view(t, self.kv_heads, d)
         a = self.attention.paged.forward(q, k, v, meta, self.attention.args)  # [T, Hq, D]
-        h = h + self.o(a.reshape(t, -1))
+        h += self.o(a.reshape(t, -1))  # in place: h is this step's own (the embedding's output, then ours)
         x = self.norm2(h)
         if self.fused_mlp:
             gu = self.gate_up(x)
             gate, up = gu.split(gu.shape[1] // 2, 1)
         else:
             gate, up = self.gate(x), self.up(x)
-        return h + self.down(F.silu(gate) * up)
+        h += self.down(F.silu(gate, inplace=True).mul_(up))
+        return h
 
 
 class Rope:
@@ -95,7 +96,9 @@ class Rope:
         self.perm = torch.arange(2 * half, device=cos.device).roll(half)  # made on the device: no copy to capture
 
     def __call__(self, x: torch.Tensor) -> torch.Tensor:
-        return x * self.cos + x.index_select(-1, self.perm) * self.sin
+        out = x * self.cos
+        out += x.index_select(-1, self.perm).mul_(self.sin)
+        return out
 
 
 class LeanModel:
