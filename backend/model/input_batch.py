@@ -18,8 +18,8 @@ import torch
 
 from backend.lora import ops as lora_ops
 from backend.lora.layers import LoRAStep
+from backend.lora.ops import Segments
 from backend.model.attention import AttentionMeta, ChunksMeta, DecodeMeta, PrefillMeta
-from kernels.segments import Segments
 
 
 @dataclass(frozen=True)
