@@ -28,6 +28,23 @@ NO_WINDOW = 1 << 30  # window 0 (none) as a window no sequence reaches
 # Arguments that vary with the batch are not specialized on (Triton would compile a variant for each of
 # their values that is 1 or a multiple of 16): the variants are those of the configuration, which the
 # engine's warm-up compiles before it serves.
+@triton.jit
+def kv_tile(
+    table, k_base, v_base, pos, valid, offs_d, d_mask, block_size,
+    stride_kb, stride_kt, stride_vb, stride_vt, UPCAST: tl.constexpr,
+):  # fmt: skip
+    """K [BD, BN] and V [BN, BD] at positions `pos` (where `valid`) of a sequence, through its block table."""
+    blk = tl.load(table + pos // block_size, mask=valid, other=0).to(tl.int64)
+    slot = pos % block_size
+    k_ptrs = k_base + blk[None, :] * stride_kb + slot[None, :] * stride_kt + offs_d[:, None]
+    k = tl.load(k_ptrs, mask=d_mask[:, None] & valid[None, :], other=0.0)
+    v_ptrs = v_base + blk[:, None] * stride_vb + slot[:, None] * stride_vt + offs_d[None, :]
+    v = tl.load(v_ptrs, mask=valid[:, None] & d_mask[None, :], other=0.0)
+    if UPCAST:
+        k, v = k.to(tl.float32), v.to(tl.float32)
+    return k, v
+
+
 @triton.jit(do_not_specialize=["stride_bt"])
 def _paged_decode_kernel(
     q_ptr, k_ptr, v_ptr, out_ptr,  # q, out [B, Hq, D]; k, v [num_blocks, block_size, Hkv, D]
@@ -67,14 +84,10 @@ def _paged_decode_kernel(
     for n0 in range(start, end, BLOCK_N):  # every tile holds at least one position in [lo, end)
         pos = n0 + offs_n
         valid = (pos >= lo) & (pos < end)
-        blk = tl.load(table + pos // block_size, mask=valid, other=0).to(tl.int64)
-        slot = pos % block_size
-        k_ptrs = k_base + blk[None, :] * stride_kb + slot[None, :] * stride_kt + offs_d[:, None]  # [BD, BN]
-        k = tl.load(k_ptrs, mask=d_mask[:, None] & valid[None, :], other=0.0)
-        v_ptrs = v_base + blk[:, None] * stride_vb + slot[:, None] * stride_vt + offs_d[None, :]  # [BN, BD]
-        v = tl.load(v_ptrs, mask=valid[:, None] & d_mask[None, :], other=0.0)
-        if UPCAST:
-            k, v = k.to(tl.float32), v.to(tl.float32)
+        k, v = kv_tile(
+            table, k_base, v_base, pos, valid, offs_d, d_mask, block_size,
+            stride_kb, stride_kt, stride_vb, stride_vt, UPCAST,
+        )  # fmt: skip
         s = tl.dot(q, k, input_precision=PRECISION) * scale  # [BG, BN]
         if softcap > 0:
             s = softcap * (2.0 / (1.0 + tl.exp(-2.0 * s / softcap)) - 1.0)  # softcap * tanh(s / softcap)

@@ -19,7 +19,7 @@ import triton
 import triton.language as tl
 
 from kernels.lora_shrink import dot_options
-from kernels.paged_attention import NO_WINDOW
+from kernels.paged_attention import NO_WINDOW, kv_tile
 
 
 @triton.jit(do_not_specialize=["stride_bt"])
@@ -66,14 +66,10 @@ def _paged_prefill_kernel(
     for n0 in range(lo // BLOCK_N * BLOCK_N, hi, BLOCK_N):
         pos = n0 + offs_n
         valid = (pos >= lo) & (pos < hi)
-        blk = tl.load(table + pos // block_size, mask=valid, other=0).to(tl.int64)
-        slot = pos % block_size
-        k_ptrs = k_base + blk[None, :] * stride_kb + slot[None, :] * stride_kt + offs_d[:, None]  # [BD, BN]
-        k = tl.load(k_ptrs, mask=d_mask[:, None] & valid[None, :], other=0.0)
-        v_ptrs = v_base + blk[:, None] * stride_vb + slot[:, None] * stride_vt + offs_d[None, :]  # [BN, BD]
-        v = tl.load(v_ptrs, mask=valid[:, None] & d_mask[None, :], other=0.0)
-        if UPCAST:
-            k, v = k.to(tl.float32), v.to(tl.float32)
+        k, v = kv_tile(
+            table, k_base, v_base, pos, valid, offs_d, d_mask, block_size,
+            stride_kb, stride_kt, stride_vb, stride_vt, UPCAST,
+        )  # fmt: skip
         s = tl.dot(q, k, input_precision=PRECISION) * scale  # [BM, BN]
         if softcap > 0:
             s = softcap * (2.0 / (1.0 + tl.exp(-2.0 * s / softcap)) - 1.0)  # softcap * tanh(s / softcap)
