@@ -127,7 +127,12 @@ class TritonServer:
         return self
 
     def ready(self) -> bool:
-        return http_status(f"http://{self.http_url}/v2/health/ready", timeout=2) == 200
+        """Models ready, and the metrics service up: tritonserver starts it after the HTTP service (some 40 ms
+        later), so a metrics read right after readiness alone was once refused."""
+        return (
+            http_status(f"http://{self.http_url}/v2/health/ready", timeout=2) == 200
+            and http_status(f"http://localhost:{self.metrics_port}/metrics", timeout=2) == 200
+        )
 
     def stop(self, timeout: float = 60.0) -> int:
         """SIGTERM, as a user's Ctrl-C would; the whole process group is killed if it does not exit."""
