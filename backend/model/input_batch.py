@@ -81,6 +81,14 @@ class Buffers:
             self.device.copy_(self.host, non_blocking=True)
 
 
+def extend_runs(runs: list[list[int]], slot: int, start: int, n: int) -> None:
+    """Adds n rows of `slot` at `start` to runs [slot, start, rows] of rows grouped by slot."""
+    if runs and runs[-1][0] == slot:
+        runs[-1][2] += n
+    else:
+        runs.append([slot, start, n])
+
+
 def segments(
     v: dict, prefix: str, token_slots, sorted_tokens, runs: list, first: int | None, rows: int = 0
 ) -> Segments:
@@ -107,7 +115,7 @@ class InputBatch:
     ):
         self.max_tokens, self.max_seqs, self.block_size = max_tokens, max_seqs, block_size
         self.max_blocks = -(-max_blocks // 4) * 4
-        self.device, self.ops, self.paged_kernel, self.lora_on_output = device, ops, paged_kernel, lora_on_output
+        self.ops, self.paged_kernel, self.lora_on_output = ops, paged_kernel, lora_on_output
         t, b, s = max_tokens, max_seqs, num_slots
         self.long = Buffers(
             torch.int64, {"ids": (t,), "positions": (t,), "rows": (t,), "last": (b,), "decode_idx": (b,)}, device
@@ -158,10 +166,7 @@ class InputBatch:
             it.token_slots[t : t + n] = w.slot
             if w.slot >= 0:
                 first = t if first is None else first
-                if runs and runs[-1][0] == w.slot:
-                    runs[-1][2] += n
-                else:
-                    runs.append([w.slot, t - first, n])
+                extend_runs(runs, w.slot, t - first, n)
             t += n
         sampled = [i for i, w in enumerate(work) if w.sample]
         lg.last[: len(sampled)] = [starts[i] + len(work[i].tokens) - 1 for i in sampled]
@@ -182,10 +187,10 @@ class InputBatch:
         v = {**lg.views, **it.views}
         if fixed:
             tokens = segments(v, "seg_", v["token_slots"][:t], v["sorted"][:t], runs, None, t)
-            last = segments(v, "last_seg_", v["last_slots"][:t], v["last_sorted"][:t], last_runs, None, t)
-            lora = LoRAStep(
-                self.ops.rows(tokens, True), self.ops.rows(last, True) if self.lora_on_output else None, t, t
-            )
+            last = None
+            if self.lora_on_output:
+                last = segments(v, "last_seg_", v["last_slots"][:t], v["last_sorted"][:t], last_runs, None, t)
+            lora = LoRAStep(self.ops.rows(tokens, True), self.ops.rows(last, True), t, t)
         else:
             lora = LoRAStep(
                 self.ops.rows(self._segments(v, t, first, runs)),
@@ -216,10 +221,7 @@ class InputBatch:
         it.last_sorted[: len(order)] = [i for _, i in order]
         runs: list[list[int]] = []
         for k, (s, _) in enumerate(order):
-            if runs and runs[-1][0] == s:
-                runs[-1][2] += 1
-            else:
-                runs.append([s, k, 1])
+            extend_runs(runs, s, k, 1)
         fill(it, "last_seg_", SEG, runs)
         return [tuple(r) for r in runs]
 
