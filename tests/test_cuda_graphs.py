@@ -14,7 +14,7 @@ if not torch.cuda.is_available():
 from backend.model import cuda_graphs  # noqa: E402
 from demo.builders import build_adapter  # noqa: E402
 from tests.conftest import peft_generate  # noqa: E402
-from tests.test_engine import drive, make_engine, prompts, request, submit_all, warm  # noqa: E402
+from tests.test_engine import drive, make_engine, prompts, request, submit_all, warm_and_drive  # noqa: E402
 
 DEVICE = "cuda" if torch.cuda.is_available() else "cpu"
 TRITON = dict(lora_backend="triton", attention_backend="triton", cuda_graphs=True, max_num_seqs=6, device=DEVICE)
@@ -36,9 +36,7 @@ def test_padded_decode_steps_equal_peft(assets, peft_model, vocab, monkeypatch):
     )
     names = ["qv-r4", "", "mlp-r64", "all-r16-pattern"]
     ps = prompts(vocab, [3, 9, 17, 5], seed=5)
-    warm(engine, *filter(None, names))
-    outs = submit_all(engine, [request(p, name, 4) for p, name in zip(ps, names)])
-    drive(engine, outs)
+    outs = warm_and_drive(engine, ps, names, 4)
     for p, name, c in zip(ps, names, outs):
         assert c.final.error is None and c.token_ids == peft_generate(peft_model, p, name, 4)
     assert (4, True) in built and all(n in cuda_graphs.buckets(6) for n, fixed in built if fixed)

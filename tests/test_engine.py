@@ -95,6 +95,15 @@ def run_all(engine: Engine, reqs: list[GenerationRequest]) -> list[Collector]:
     return collectors
 
 
+def warm_and_drive(engine: Engine, ps: list[list[int]], names: list[str], max_tokens: int) -> list[Collector]:
+    """One request per (prompt, adapter name), the adapters read first (so that all of them join the first
+    step), the engine stepped until every one has its final output."""
+    warm(engine, *filter(None, names))
+    collectors = submit_all(engine, [request(p, name, max_tokens) for p, name in zip(ps, names)])
+    drive(engine, collectors)
+    return collectors
+
+
 def drive(engine: Engine, collectors: list[Collector], max_steps: int = 200) -> None:
     """Steps an engine that was not started until every request has its final output (a step that
     runs nothing, while adapters are read, does not count)."""

@@ -6,7 +6,7 @@ import pytest
 from backend.errors import RequestError
 from backend.naming import lora_key
 from tests.conftest import MIX, generate_together, peft_generate
-from tests.test_engine import Collector, drive, make_engine, prompts, request, warm
+from tests.test_engine import Collector, drive, make_engine, prompts, request, warm_and_drive
 
 
 @pytest.mark.parametrize(
@@ -37,11 +37,7 @@ def test_a_mix_beside_its_parts_and_the_base_in_one_step_equals_peft(assets, pef
     engines.append(engine)
     ps = prompts(vocab, [5, 7, 9, 6], seed=8)
     names = [lora_key(MIX), "qv-r4", "", "attn-r8-rslora"]
-    warm(engine, *filter(None, names))  # read first: all four join the first step
-    collectors = [Collector() for _ in names]
-    for p, name, c in zip(ps, names, collectors):
-        engine.submit(request(p, name, 6), c)
-    drive(engine, collectors)
+    collectors = warm_and_drive(engine, ps, names, 6)  # all four join the first step
     for p, name, c in zip(ps, names, collectors):
         assert c.final.token_ids == peft_generate(peft_mix, p, "mix" if "," in name else name, 6), name
     assert engine.metrics.get("lora_engine_max_adapters_per_step") == 4

@@ -20,7 +20,7 @@ from backend.lora.ops import variant_batches  # noqa: E402
 from demo.builders import build_adapter  # noqa: E402
 from kernels import dora_scale, lora_expand, lora_shrink, paged_attention, paged_prefill  # noqa: E402
 from tests.conftest import peft_generate  # noqa: E402
-from tests.test_engine import drive, make_engine, prompts, request, submit_all, warm  # noqa: E402
+from tests.test_engine import drive, make_engine, prompts, request, submit_all, warm_and_drive  # noqa: E402
 
 KERNELS = {
     "shrink": lora_shrink._lora_shrink_kernel,
@@ -77,9 +77,7 @@ def test_traffic_launches_no_variant_the_warm_up_did_not(assets, peft_model, voc
     launches.clear()
     names = ["qv-r4", "", "mlp-r64", "all-r16-pattern"]
     ps = prompts(vocab, [3, 9, 17, 5], seed=47)
-    warm(engine, *filter(None, names))
-    outs = submit_all(engine, [request(p, name, 2) for p, name in zip(ps, names)])
-    drive(engine, outs)
+    outs = warm_and_drive(engine, ps, names, 2)
     for p, name, c in zip(ps, names, outs):
         assert c.final.error is None and c.token_ids == peft_generate(peft_model, p, name, 2)
     in_traffic = set(launches)
