@@ -152,7 +152,7 @@ class Engine:
         )
         self.kv = self.runner.kv
         self.blocks = BlockPool(self.kv.num_blocks, self.kv.block_size, cfg.enable_prefix_caching)
-        self.warmup = warm_up(self.runner, cfg.max_prefill_tokens + cfg.max_num_seqs, cfg.max_num_seqs)
+        self.warmup = warm_up(self.runner, self.runner.batch.max_tokens, cfg.max_num_seqs)
         if self.runner.graphs is not None:
             self.runner.graphs.capture()
         store = AdapterStore(
